@@ -1,0 +1,106 @@
+"""Conversions between the network outputs a diffusion model may predict, and EDM preconditioning.
+
+VP latent ``z = alpha x + sigma eps`` with ``alpha^2 = sigmoid(logsnr)``; velocity
+``v = alpha eps - sigma x`` [Salimans & Ho 2022, "Progressive Distillation", Sec. 4]. The
+divisions by ``alpha`` or ``sigma`` are written with ``softplus`` so no intermediate overflows for
+``|logsnr|`` up to ~80 in float32.
+
+References:
+    [PD] Salimans, Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models".
+    [EDM] Karras et al. 2022, Table 1 and Eq. 7.
+    [SDE] Song et al. 2021, "Score-Based Generative Modeling through SDEs".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._util import Scalar, as_coef, check_float, check_range, check_same_shape, per_sample
+
+__all__ = ["x_from_eps", "eps_from_x", "v_from_x_eps", "x_from_v", "eps_from_v", "v_from_x",
+           "v_from_eps", "score_from_eps", "eps_from_score", "edm_precond"]
+
+
+def _args(z: Tensor, other: Tensor, names: tuple[str, str], logsnr: Scalar) -> Tensor:
+    check_float(z, names[0])
+    check_float(other, names[1])
+    check_same_shape(z, other, names[0], names[1])
+    return per_sample(logsnr, "logsnr", z)
+
+
+def x_from_eps(z: Tensor, eps: Tensor, logsnr: Scalar) -> Tensor:
+    """``x = (z - sigma eps) / alpha = z sqrt(1 + e^-l) - eps e^(-l/2)``."""
+    l = _args(z, eps, ("z", "eps"), logsnr)
+    return (z * torch.exp(0.5 * F.softplus(-l)) - eps * torch.exp(-0.5 * l)).to(z.dtype)
+
+
+def eps_from_x(z: Tensor, x: Tensor, logsnr: Scalar) -> Tensor:
+    """``eps = (z - alpha x) / sigma = z sqrt(1 + e^l) - x e^(l/2)``."""
+    l = _args(z, x, ("z", "x"), logsnr)
+    return (z * torch.exp(0.5 * F.softplus(l)) - x * torch.exp(0.5 * l)).to(z.dtype)
+
+
+def v_from_x_eps(x: Tensor, eps: Tensor, logsnr: Scalar) -> Tensor:
+    """``v = alpha eps - sigma x`` [PD Sec. 4]."""
+    l = _args(x, eps, ("x", "eps"), logsnr)
+    return (torch.sigmoid(l).sqrt() * eps - torch.sigmoid(-l).sqrt() * x).to(x.dtype)
+
+
+def x_from_v(z: Tensor, v: Tensor, logsnr: Scalar) -> Tensor:
+    """``x = alpha z - sigma v``."""
+    l = _args(z, v, ("z", "v"), logsnr)
+    return (torch.sigmoid(l).sqrt() * z - torch.sigmoid(-l).sqrt() * v).to(z.dtype)
+
+
+def eps_from_v(z: Tensor, v: Tensor, logsnr: Scalar) -> Tensor:
+    """``eps = sigma z + alpha v``."""
+    l = _args(z, v, ("z", "v"), logsnr)
+    return (torch.sigmoid(-l).sqrt() * z + torch.sigmoid(l).sqrt() * v).to(z.dtype)
+
+
+def v_from_x(z: Tensor, x: Tensor, logsnr: Scalar) -> Tensor:
+    """``v = (alpha z - x) / sigma = z e^(l/2) - x sqrt(1 + e^l)`` (eps eliminated)."""
+    l = _args(z, x, ("z", "x"), logsnr)
+    return (z * torch.exp(0.5 * l) - x * torch.exp(0.5 * F.softplus(l))).to(z.dtype)
+
+
+def v_from_eps(z: Tensor, eps: Tensor, logsnr: Scalar) -> Tensor:
+    """``v = (eps - sigma z) / alpha`` (eliminating x)."""
+    l = _args(z, eps, ("z", "eps"), logsnr)
+    inv_alpha = torch.exp(0.5 * F.softplus(-l))
+    return ((eps - torch.sigmoid(-l).sqrt() * z) * inv_alpha).to(z.dtype)
+
+
+def score_from_eps(eps: Tensor, logsnr: Scalar) -> Tensor:
+    """``grad_z log q(z_t) = -eps / sigma`` [SDE Eq. 4 / Tweedie], with ``1/sigma = sqrt(1 + e^l)``."""
+    check_float(eps, "eps")
+    l = per_sample(logsnr, "logsnr", eps)
+    return (-eps * torch.exp(0.5 * F.softplus(l))).to(eps.dtype)
+
+
+def eps_from_score(score: Tensor, logsnr: Scalar) -> Tensor:
+    """``eps = -sigma * score``."""
+    check_float(score, "score")
+    l = per_sample(logsnr, "logsnr", score)
+    return (-score * torch.sigmoid(-l).sqrt()).to(score.dtype)
+
+
+def edm_precond(sigma: Scalar, *, sigma_data: float = 0.5) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """EDM preconditioning [EDM Table 1, Eq. 7]; ``D(x) = c_skip x + c_out F(c_in x, c_noise)``.
+
+    ``c_skip = sd^2 / (sigma^2 + sd^2)``, ``c_out = sigma sd / sqrt(sigma^2 + sd^2)``,
+    ``c_in = 1 / sqrt(sigma^2 + sd^2)``, ``c_noise = ln(sigma) / 4``. Shapes as ``sigma`` (> 0).
+    """
+    s = as_coef(sigma, "sigma")
+    check_range(s, "sigma", low=0.0, low_open=True)
+    if sigma_data <= 0:
+        raise ValueError(f"sigma_data: expected > 0, got {sigma_data}")
+    sd2 = sigma_data**2
+    total = s * s + sd2
+    c_skip = sd2 / total
+    c_out = s * sigma_data * torch.rsqrt(total)
+    c_in = torch.rsqrt(total)
+    c_noise = torch.log(s) / 4
+    return c_skip, c_out, c_in, c_noise

@@ -1,0 +1,84 @@
+"""The Gaussian forward process and its posteriors, in log-SNR.
+
+``q(z_t | x) = N(alpha_t x, sigma_t^2 I)`` with ``alpha_t^2 = sigmoid(logsnr_t)``; ``s`` is the
+earlier, less noisy time (``logsnr_s > logsnr_t``).
+
+References:
+    [VDM] Kingma, Salimans, Poole, Ho 2021, "Variational Diffusion Models", Sec. 3 and App. A.
+    [DDPM] Ho, Jain, Abbeel 2020, Eq. 6-7 (mu-tilde, beta-tilde).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._util import Scalar, as_coef, check_float, check_same_shape, coef_dtype, per_sample
+
+__all__ = ["diffuse", "transition", "posterior", "posterior_logvar"]
+
+
+def diffuse(x: Tensor, eps: Tensor, logsnr: Scalar) -> Tensor:
+    """Sample ``z_t = alpha_t x + sigma_t eps`` from ``q(z_t | x)``. ``x, eps: (B, ...)``; ``logsnr: [] or [B]``."""
+    check_float(x, "x")
+    check_float(eps, "eps")
+    check_same_shape(x, eps, "x", "eps")
+    l = per_sample(logsnr, "logsnr", x)
+    alpha, sigma = torch.sigmoid(l).sqrt(), torch.sigmoid(-l).sqrt()
+    return (alpha * x + sigma * eps).to(x.dtype)
+
+
+def _pair(logsnr_s: Scalar, logsnr_t: Scalar) -> tuple[Tensor, Tensor]:
+    dtype = coef_dtype(logsnr_s, logsnr_t)
+    ls, lt = as_coef(logsnr_s, "logsnr_s", dtype=dtype), as_coef(logsnr_t, "logsnr_t", dtype=dtype)
+    return ls, lt.to(ls.device)
+
+
+def transition(logsnr_s: Scalar, logsnr_t: Scalar) -> tuple[Tensor, Tensor]:
+    """``q(z_t | z_s) = N(alpha_ts z_s, var_ts)`` [VDM Eq. 3-4].
+
+    ``alpha_ts = alpha_t / alpha_s = exp((logsigmoid(l_t) - logsigmoid(l_s)) / 2)`` and
+    ``var_ts = sigma_t^2 - alpha_ts^2 sigma_s^2 = -sigma_t^2 expm1(l_t - l_s)`` (stable when
+    ``l_s ~ l_t``). Shapes broadcast; no padding to data rank.
+    """
+    ls, lt = _pair(logsnr_s, logsnr_t)
+    alpha_ts = torch.exp(0.5 * (F.logsigmoid(lt) - F.logsigmoid(ls)))
+    var_ts = -torch.sigmoid(-lt) * torch.expm1(lt - ls)
+    return alpha_ts, var_ts
+
+
+def posterior_logvar(logsnr_s: Scalar, logsnr_t: Scalar) -> Tensor:
+    """``log var`` of ``q(z_s | z_t, x)``: ``log sigma_s^2 + log(-expm1(l_t - l_s))`` [VDM Eq. 32].
+
+    ``-inf`` when ``l_s = +inf`` (the last step onto clean data) or ``l_s = l_t``.
+    """
+    ls, lt = _pair(logsnr_s, logsnr_t)
+    return F.logsigmoid(-ls) + torch.log(-torch.expm1(lt - ls))
+
+
+def posterior(x: Tensor, z_t: Tensor, logsnr_s: Scalar, logsnr_t: Scalar) -> tuple[Tensor, Tensor]:
+    """``q(z_s | z_t, x) = N(mean, var)`` [VDM Eq. 31-32; DDPM Eq. 6-7 on discrete tables].
+
+    ``mean = (SNR_t/SNR_s)(alpha_s/alpha_t) z_t + alpha_s (1 - SNR_t/SNR_s) x`` and
+    ``var = sigma_s^2 (1 - SNR_t/SNR_s)``, with ``1 - SNR_t/SNR_s = -expm1(l_t - l_s)``.
+
+    Args:
+        x: clean data ``(B, ...)``; z_t: the noisy latent, same shape.
+        logsnr_s, logsnr_t: ``[]`` or ``[B]``, ``logsnr_s >= logsnr_t``. ``logsnr_s = +inf`` is
+            allowed (then ``mean = x``, ``var = 0``).
+    Returns:
+        ``mean`` in ``x``'s dtype and ``var`` as a float32/64 coefficient padded to ``x``'s rank.
+    """
+    check_float(x, "x")
+    check_float(z_t, "z_t")
+    check_same_shape(x, z_t, "x", "z_t")
+    dtype = coef_dtype(logsnr_s, logsnr_t, x)
+    ls = per_sample(logsnr_s, "logsnr_s", x, dtype=dtype)
+    lt = per_sample(logsnr_t, "logsnr_t", x, dtype=dtype)
+    c_z = torch.exp(lt - ls + 0.5 * (F.logsigmoid(ls) - F.logsigmoid(lt)))
+    one_minus = -torch.expm1(lt - ls)
+    alpha_s = torch.sigmoid(ls).sqrt()
+    mean = c_z * z_t + alpha_s * one_minus * x
+    var = torch.sigmoid(-ls) * one_minus
+    return mean.to(x.dtype), var

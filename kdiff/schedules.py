@@ -1,0 +1,278 @@
+"""Noise schedules, all expressed in one coordinate: the log signal-to-noise ratio.
+
+Variance-preserving (VP) convention: ``alpha^2 = sigmoid(logsnr)``, ``sigma^2 = sigmoid(-logsnr)``,
+``z = alpha x + sigma eps``. The EDM (variance-exploding) noise level is
+``sigma_ve = exp(-logsnr / 2)`` with ``x_ve = z / alpha``. Continuous time ``t`` runs from 0
+(clean, high logsnr) to 1 (noise, low logsnr). Discrete DDPM tables (``betas``, ``alphas_bar``)
+are indexed 0..T-1 for the paper's timesteps 1..T.
+
+References:
+    [DDPM] Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models".
+    [iDDPM] Nichol, Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models".
+    [EDM] Karras, Aittala, Aila, Laine 2022, "Elucidating the Design Space of Diffusion-Based
+        Generative Models".
+    [SD] Hoogeboom, Heek, Salimans 2023, "simple diffusion: End-to-end diffusion for high
+        resolution images".
+    [Lin] Lin, Liu, Li, Yang 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._util import Scalar, as_coef, check_float, check_int, check_range
+
+__all__ = [
+    "alpha_sigma", "sigma_from_logsnr", "logsnr_from_sigma", "logsnr_from_alpha_sigma",
+    "betas_linear", "alphas_bar_cosine", "alphas_bar_from_betas", "betas_from_alphas_bar",
+    "logsnr_from_alphas_bar", "alphas_bar_from_logsnr",
+    "logsnr_cosine", "t_from_logsnr_cosine", "logsnr_cosine_shifted", "t_from_logsnr_cosine_shifted",
+    "logsnr_cosine_interpolated", "t_from_logsnr_cosine_interpolated",
+    "sigmas_karras", "sigma_lognormal", "respace",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# VP log-SNR algebra
+
+
+def alpha_sigma(logsnr: Scalar) -> tuple[Tensor, Tensor]:
+    """``(alpha, sigma) = (sqrt(sigmoid(logsnr)), sqrt(sigmoid(-logsnr)))``; shapes as ``logsnr``."""
+    l = as_coef(logsnr, "logsnr")
+    return torch.sigmoid(l).sqrt(), torch.sigmoid(-l).sqrt()
+
+
+def sigma_from_logsnr(logsnr: Scalar) -> Tensor:
+    """EDM noise level ``sigma_ve = sigma / alpha = exp(-logsnr / 2)``."""
+    return torch.exp(-0.5 * as_coef(logsnr, "logsnr"))
+
+
+def logsnr_from_sigma(sigma: Scalar) -> Tensor:
+    """``logsnr = -2 log(sigma_ve)``; ``sigma`` must be > 0 (``sigma = 0`` gives ``+inf``)."""
+    s = as_coef(sigma, "sigma")
+    check_range(s, "sigma", low=0.0)
+    return -2.0 * torch.log(s)
+
+
+def logsnr_from_alpha_sigma(alpha: Scalar, sigma: Scalar) -> Tensor:
+    """``logsnr = 2 (log alpha - log sigma)``."""
+    a, s = as_coef(alpha, "alpha"), as_coef(sigma, "sigma")
+    return 2.0 * (torch.log(a) - torch.log(s))
+
+
+# ----------------------------------------------------------------------------------------------
+# Discrete tables (DDPM, Improved DDPM). Tables are float64, index i is the paper's t = i + 1.
+
+
+def betas_linear(T: int, *, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """DDPM's linear schedule, ``beta_t = linspace(beta_start, beta_end, T)`` [DDPM Sec. 4]; ``(T,)`` float64."""
+    check_int(T, "T", low=1)
+    if not 0.0 < beta_start <= beta_end < 1.0:
+        raise ValueError(f"beta_start, beta_end: expected 0 < beta_start <= beta_end < 1, "
+                         f"got {beta_start}, {beta_end}")
+    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def alphas_bar_cosine(T: int, *, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """iDDPM cosine schedule [iDDPM Eq. 17]: ``alpha_bar(t) = f(t)/f(0)``, ``f(t) = cos((t/T + s)/(1 + s) pi/2)^2``.
+
+    Betas ``1 - alpha_bar(t)/alpha_bar(t-1)`` are capped at ``max_beta`` (the paper uses 0.999 to
+    avoid the singularity at t = T) and the table is rebuilt from the capped betas, as the paper's
+    code does. Returns ``(T,)`` float64 for t = 1..T.
+    """
+    check_int(T, "T", low=1)
+    if not 0.0 < max_beta <= 1.0:
+        raise ValueError(f"max_beta: expected a value in (0, 1], got {max_beta}")
+    steps = torch.arange(T + 1, dtype=torch.float64) / T
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    ab = f / f[0]
+    betas = (1.0 - ab[1:] / ab[:-1]).clamp(max=max_beta)
+    return alphas_bar_from_betas(betas)
+
+
+def alphas_bar_from_betas(betas: Tensor) -> Tensor:
+    """``alpha_bar_t = prod_{i<=t} (1 - beta_i)``, computed as ``exp(cumsum(log1p(-beta)))``."""
+    check_float(betas, "betas")
+    check_range(betas, "betas", low=0.0, high=1.0)
+    b = betas.to(torch.float64)
+    return torch.exp(torch.cumsum(torch.log1p(-b), dim=-1))
+
+
+def betas_from_alphas_bar(alphas_bar: Tensor) -> Tensor:
+    """``beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}`` with ``alpha_bar_0 = 1``."""
+    check_float(alphas_bar, "alphas_bar")
+    check_range(alphas_bar, "alphas_bar", low=0.0, high=1.0)
+    ab = alphas_bar.to(torch.float64)
+    prev = torch.cat([ab.new_ones(ab.shape[:-1] + (1,)), ab[..., :-1]], dim=-1)
+    return 1.0 - ab / prev
+
+
+def logsnr_from_alphas_bar(alphas_bar: Tensor) -> Tensor:
+    """``logsnr = log(alpha_bar) - log(1 - alpha_bar)``: the DDPM table on the log-SNR axis."""
+    check_float(alphas_bar, "alphas_bar")
+    check_range(alphas_bar, "alphas_bar", low=0.0, high=1.0)
+    ab = alphas_bar.to(torch.float64) if alphas_bar.dtype == torch.float64 else alphas_bar.float()
+    return torch.log(ab) - torch.log1p(-ab)
+
+
+def alphas_bar_from_logsnr(logsnr: Scalar) -> Tensor:
+    """``alpha_bar = alpha^2 = sigmoid(logsnr)``."""
+    return torch.sigmoid(as_coef(logsnr, "logsnr"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Continuous schedules (simple diffusion)
+
+
+def _time(t: Scalar) -> Tensor:
+    tt = as_coef(t, "t")
+    check_range(tt, "t", low=0.0, high=1.0)
+    return tt
+
+
+def _cosine_bounds(logsnr_min: float, logsnr_max: float) -> tuple[float, float]:
+    if not logsnr_min < logsnr_max:
+        raise ValueError(f"logsnr_min, logsnr_max: expected logsnr_min < logsnr_max, got {logsnr_min}, {logsnr_max}")
+    return math.atan(math.exp(-0.5 * logsnr_max)), math.atan(math.exp(-0.5 * logsnr_min))
+
+
+def logsnr_cosine(t: Scalar, *, logsnr_min: float = -15.0, logsnr_max: float = 15.0) -> Tensor:
+    """Cosine schedule in log-SNR [SD Sec. 2]: ``-2 log tan(t_min + t (t_max - t_min))``.
+
+    ``t_min = atan(exp(-logsnr_max / 2))``, ``t_max = atan(exp(-logsnr_min / 2))``, so that
+    ``logsnr(0) = logsnr_max`` and ``logsnr(1) = logsnr_min``. ``t`` in [0, 1].
+    """
+    tt = _time(t)
+    t_min, t_max = _cosine_bounds(logsnr_min, logsnr_max)
+    return -2.0 * torch.log(torch.tan(t_min + tt * (t_max - t_min)))
+
+
+def t_from_logsnr_cosine(logsnr: Scalar, *, logsnr_min: float = -15.0, logsnr_max: float = 15.0) -> Tensor:
+    """Inverse of :func:`logsnr_cosine`: ``t = (atan(exp(-logsnr/2)) - t_min) / (t_max - t_min)``."""
+    l = as_coef(logsnr, "logsnr")
+    t_min, t_max = _cosine_bounds(logsnr_min, logsnr_max)
+    return (torch.atan(torch.exp(-0.5 * l)) - t_min) / (t_max - t_min)
+
+
+def _shift(image_size: int, noise_size: int) -> float:
+    check_int(image_size, "image_size", low=1)
+    check_int(noise_size, "noise_size", low=1)
+    return 2.0 * math.log(noise_size / image_size)
+
+
+def logsnr_cosine_shifted(t: Scalar, *, image_size: int, noise_size: int = 64,
+                          logsnr_min: float = -15.0, logsnr_max: float = 15.0) -> Tensor:
+    """Resolution-shifted cosine schedule [SD Sec. 3.1]: ``logsnr_cosine(t) + 2 log(noise_size / image_size)``.
+
+    A model at ``image_size`` then sees the same signal at the scale of ``noise_size`` as a model
+    trained at ``noise_size`` with the plain cosine schedule. The endpoints shift with it.
+    """
+    return logsnr_cosine(t, logsnr_min=logsnr_min, logsnr_max=logsnr_max) + _shift(image_size, noise_size)
+
+
+def t_from_logsnr_cosine_shifted(logsnr: Scalar, *, image_size: int, noise_size: int = 64,
+                                 logsnr_min: float = -15.0, logsnr_max: float = 15.0) -> Tensor:
+    """Inverse of :func:`logsnr_cosine_shifted`."""
+    l = as_coef(logsnr, "logsnr") - _shift(image_size, noise_size)
+    return t_from_logsnr_cosine(l, logsnr_min=logsnr_min, logsnr_max=logsnr_max)
+
+
+def logsnr_cosine_interpolated(t: Scalar, *, image_size: int, noise_size_low: int = 32,
+                               noise_size_high: int | None = None, logsnr_min: float = -15.0,
+                               logsnr_max: float = 15.0) -> Tensor:
+    """Interpolated cosine schedule [SD Sec. 3.1, pseudocode]:
+    ``t * shifted(t; noise_size_low) + (1 - t) * shifted(t; noise_size_high)``.
+
+    At high noise (t -> 1) the schedule follows the strongly shifted ``noise_size_low`` version,
+    at low noise (t -> 0) the ``noise_size_high`` one (default: ``image_size``, i.e. unshifted).
+    """
+    tt = _time(t)
+    high = image_size if noise_size_high is None else noise_size_high
+    base = logsnr_cosine(tt, logsnr_min=logsnr_min, logsnr_max=logsnr_max)
+    return base + tt * _shift(image_size, noise_size_low) + (1.0 - tt) * _shift(image_size, high)
+
+
+def t_from_logsnr_cosine_interpolated(logsnr: Scalar, *, image_size: int, noise_size_low: int = 32,
+                                      noise_size_high: int | None = None, logsnr_min: float = -15.0,
+                                      logsnr_max: float = 15.0, iters: int = 80) -> Tensor:
+    """Inverse of :func:`logsnr_cosine_interpolated` by bisection in float64 (the schedule is
+    strictly decreasing in t when ``noise_size_low <= noise_size_high``). Values outside the
+    schedule's range map to the nearest end, 0 or 1."""
+    l = as_coef(logsnr, "logsnr")
+    high = image_size if noise_size_high is None else noise_size_high
+    if noise_size_low > high:
+        raise ValueError(f"noise_size_low: expected <= noise_size_high ({high}) for an invertible schedule, "
+                         f"got {noise_size_low}")
+    target = l.to(torch.float64)
+    lo, hi = torch.zeros_like(target), torch.ones_like(target)
+    kw = dict(image_size=image_size, noise_size_low=noise_size_low, noise_size_high=high,
+              logsnr_min=logsnr_min, logsnr_max=logsnr_max)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        above = logsnr_cosine_interpolated(mid, **kw) > target  # still too clean: move right
+        lo = torch.where(above, mid, lo)
+        hi = torch.where(above, hi, mid)
+    return (0.5 * (lo + hi)).to(l.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# EDM
+
+
+def sigmas_karras(n: int, *, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
+    """EDM time steps [EDM Eq. 5]: ``(sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``
+    for i = 0..n-1, then a trailing 0. Returns ``(n + 1,)`` float64, decreasing."""
+    check_int(n, "n", low=1)
+    if not 0.0 < sigma_min < sigma_max:
+        raise ValueError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    if rho <= 0:
+        raise ValueError(f"rho: expected > 0, got {rho}")
+    if n == 1:
+        return torch.tensor([sigma_max, 0.0], dtype=torch.float64)
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sig = (hi + ramp * (lo - hi)) ** rho
+    return torch.cat([sig, sig.new_zeros(1)])
+
+
+def sigma_lognormal(u: Tensor, *, p_mean: float = -1.2, p_std: float = 1.2) -> Tensor:
+    """EDM training noise levels [EDM Table 1]: ``ln sigma ~ N(P_mean, P_std^2)``, i.e.
+    ``sigma = exp(p_mean + p_std u)`` for a given standard normal ``u``."""
+    check_float(u, "u")
+    if p_std <= 0:
+        raise ValueError(f"p_std: expected > 0, got {p_std}")
+    uu = u.to(torch.float64) if u.dtype == torch.float64 else u.float()
+    return torch.exp(p_mean + p_std * uu)
+
+
+# ----------------------------------------------------------------------------------------------
+# Timestep respacing
+
+
+def respace(T: int, n: int, *, spacing: str = "trailing") -> Tensor:
+    """Choose ``n`` of the ``T`` discrete timesteps (indices 0..T-1) for sampling; increasing int64.
+
+    - ``"trailing"`` (default) [Lin Table 2]: ``round(T - k T/n) - 1`` for k = 0..n-1, so the last
+      index ``T - 1`` (pure noise) is always included.
+    - ``"leading"``: ``k * (T // n)`` — the convention of several libraries, which never reaches
+      ``T - 1`` when ``n`` does not divide ``T`` evenly and so starts sampling from a partly clean
+      level.
+    - ``"linspace"``: ``round(linspace(0, T - 1, n))``, both ends included.
+    """
+    check_int(T, "T", low=1)
+    check_int(n, "n", low=1)
+    if n > T:
+        raise ValueError(f"n: expected 1 <= n <= T={T}, got {n}")
+    if spacing == "trailing":
+        k = torch.arange(n, dtype=torch.float64)
+        idx = torch.round(T - k * (T / n)).to(torch.int64) - 1
+        return idx.flip(0)
+    if spacing == "leading":
+        return torch.arange(n, dtype=torch.int64) * (T // n)
+    if spacing == "linspace":
+        return torch.round(torch.linspace(0, T - 1, n, dtype=torch.float64)).to(torch.int64)
+    raise ValueError(f"spacing: expected one of 'trailing', 'leading', 'linspace', got {spacing!r}")
+
