@@ -1,0 +1,495 @@
+"""The variational bound of a Gaussian diffusion: KLs, decoders, prior, VLB terms, bits/dim, t importance.
+
+Notation as in :mod:`kdiff.process`: ``q(z_t | x) = N(alpha_t x, sigma_t^2 I)``, ``alpha_t^2 = sigmoid(logsnr_t)``,
+``s`` earlier (less noisy) than ``t``. A discrete chain is a table ``logsnrs`` of ``T`` strictly decreasing
+values: ``logsnrs[i]`` is the level of ``z_{i+1}`` (the paper's ``t = i + 1``, as in the schedules' tables) and
+``z_0 = x`` (``logsnr = +inf``). The bound [DDPM Eq. 5; iDDPM Eq. 4-6]:
+
+    -log p(x) <= L_T + sum_{t=2..T} L_{t-1} + L_0,      L_T = KL(q(z_T|x) || p(z_T)),
+    L_{t-1} = E_q KL(q(z_{t-1}|z_t, x) || p(z_{t-1}|z_t)),   L_0 = -E_q log p(x | z_1).
+
+Units: nats per sample, summed over every non-batch dimension, unless a name says bits; :func:`bits_per_dim`
+converts. KLs and log-densities come back in float32, or float64 when an input is float64, never in bf16/fp16:
+they are summed into losses and bounds.
+
+References:
+    [DDPM] Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models", Eq. 5-7 and Sec. 3.3.
+    [iDDPM] Nichol, Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models", Sec. 3.1-3.3.
+    [VDM] Kingma, Salimans, Poole, Ho 2021, "Variational Diffusion Models", Sec. 3-4, Eq. 13-17.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._util import (
+    Scalar,
+    _checking,
+    as_coef,
+    check_float,
+    check_int,
+    check_range,
+    check_same_shape,
+    coef_dtype,
+    per_sample,
+)
+from .param import x_from_eps
+from .process import diffuse, posterior, posterior_logvar
+
+__all__ = [
+    "normal_kl", "discretized_gaussian_loglik", "gaussian_nll", "decoder_nll", "prior_kl", "learned_logvar",
+    "vlb_term", "hybrid_loss", "bits_per_dim", "VLB", "vlb", "importance_probs", "importance_weights",
+    "push_loss_history", "continuous_diffusion_loss",
+]
+
+_HALF_BIN = 1.0 / 255.0  # half the width 2/255 of one of the 256 bins on [-1, 1]
+_LOG_2PI = math.log(2.0 * math.pi)
+
+ModelFn = Callable[[Tensor, int], tuple[Tensor, Tensor]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes
+
+
+def _broadcast(*named: tuple[str, Tensor]) -> tuple[Tensor, ...]:
+    """Broadcast tensors against each other; ValueError naming them if their shapes do not fit."""
+    try:
+        shape = torch.broadcast_shapes(*(t.shape for _, t in named))
+    except RuntimeError:
+        got = ", ".join(f"{n} {tuple(t.shape)}" for n, t in named)
+        raise ValueError(f"{', '.join(n for n, _ in named)}: expected broadcastable shapes, got {got}") from None
+    return tuple(t.expand(shape) for _, t in named)
+
+
+def _like_x(t: Tensor, name: str, x: Tensor) -> Tensor:
+    """``t`` broadcast to ``x``'s shape, or a ValueError naming ``name``."""
+    try:
+        return t.expand(x.shape)
+    except RuntimeError:
+        raise ValueError(f"{name}: expected a shape that broadcasts to {tuple(x.shape)} (the shape of x), "
+                         f"got {tuple(t.shape)}") from None
+
+
+def _batched(x: Tensor, name: str = "x") -> Tensor:
+    check_float(x, name)
+    if x.ndim < 1:
+        raise ValueError(f"{name}: expected a batch (B, ...), got a 0-d tensor")
+    return x
+
+
+def _sum_per_sample(t: Tensor) -> Tensor:
+    """``(B, ...) -> [B]``: sum over every non-batch dimension."""
+    return t.reshape(t.shape[0], -1).sum(dim=1)
+
+
+def _dims(x: Tensor) -> int:
+    return x[0].numel()
+
+
+# ----------------------------------------------------------------------------------------------
+# Gaussian KL and log-densities
+
+
+def normal_kl(mean1: Scalar, logvar1: Scalar, mean2: Scalar, logvar2: Scalar) -> Tensor:
+    """``KL(N(m1, e^lv1) || N(m2, e^lv2)) = (expm1(d) - d + (m1 - m2)^2 e^-lv2) / 2`` with ``d = lv1 - lv2``.
+
+    Elementwise; the four arguments broadcast (floats allowed, at least one tensor). ``expm1(d) - d`` keeps the
+    variance part accurate when the two variances are close. Returns float32 or float64.
+    """
+    named = {"mean1": mean1, "logvar1": logvar1, "mean2": mean2, "logvar2": logvar2}
+    tensors = [v for v in named.values() if isinstance(v, Tensor)]
+    if not tensors:
+        raise TypeError("mean1, logvar1, mean2, logvar2: expected at least one torch.Tensor, got only Python numbers")
+    dtype, device = coef_dtype(*tensors), tensors[0].device
+    m1, lv1, m2, lv2 = _broadcast(*((n, as_coef(v, n, dtype=dtype, device=device)) for n, v in named.items()))
+    d = lv1 - lv2
+    return 0.5 * (torch.expm1(d) - d + (m1 - m2).square() * torch.exp(-lv2))
+
+
+def _log1mexp(d: Tensor) -> Tensor:
+    """``log(1 - e^d)`` for ``d < 0``, by the branch that is accurate on each side of ``-log 2``."""
+    near = d > -math.log(2.0)
+    return torch.where(near, torch.log(-torch.expm1(torch.where(near, d, -1.0))),
+                       torch.log1p(-torch.exp(torch.where(near, -1.0, d))))
+
+
+def _log_interval_prob(c: Tensor, h: Tensor, lower_open: Tensor, upper_open: Tensor) -> Tensor:
+    """``log(Phi(c + h) - Phi(c - h))`` for a standard normal, an end replaced by -inf / +inf where open.
+
+    Narrow bins (``h (1 + |c|) <= 0.05``) use the series ``2h phi(c) (1 + h^2 He2/6 + h^4 He4/120 + h^6 He6/5040)``
+    (He = Hermite polynomials; truncation ~1e-16). Others use ``log Phi(hi) + log(1 - Phi(lo)/Phi(hi))`` after
+    reflecting the bin into the lower half-line, where ``log_ndtr`` is accurate. Every branch is evaluated on
+    safe values only, so gradients stay finite.
+    """
+    open_ = lower_open | upper_open
+    narrow = ~open_ & (h * (1.0 + c.abs()) <= 0.05)
+    cs, g = torch.where(narrow, c, 0.0), torch.where(narrow, h, 0.01).square()
+    c2 = cs.square()
+    he2, he4, he6 = c2 - 1.0, (c2 - 6.0) * c2 + 3.0, ((c2 - 15.0) * c2 + 45.0) * c2 - 15.0
+    series = g * (he2 / 6.0 + g * (he4 / 120.0 + g * he6 / 5040.0))
+    log_narrow = torch.log(2.0 * torch.where(narrow, h, 0.01)) - 0.5 * (c2 + _LOG_2PI) + torch.log1p(series)
+
+    flip = upper_open | (~lower_open & (c > 0))  # reflect x -> -x so that the bin lies mostly below 0
+    cw = torch.where(narrow, -1.0, torch.where(flip, -c, c))
+    hw = torch.where(narrow, 0.5, h)
+    lo = torch.where(lower_open | upper_open, -math.inf, cw - hw)
+    hi = cw + hw
+    log_hi = torch.special.log_ndtr(hi)
+    log_wide = log_hi + _log1mexp(torch.special.log_ndtr(lo) - log_hi)
+    return torch.where(narrow, log_narrow, log_wide)
+
+
+def discretized_gaussian_loglik(x: Tensor, mean: Tensor, log_scale: Tensor, *, min_prob: float = 1e-12) -> Tensor:
+    """``log P(x) = log(Phi((x + 1/255 - mean)/scale) - Phi((x - 1/255 - mean)/scale))`` [DDPM Sec. 3.3, Eq. 13].
+
+    The decoder of 8-bit data scaled to [-1, 1]: 256 bins of width 2/255, the first open to -inf and the last
+    to +inf (``x < -1 + 1/255`` resp. ``x > 1 - 1/255``), so the 256 probabilities sum to 1. ``x`` should lie on
+    the grid ``k 2/255 - 1``. The log of the CDF difference is computed stably, with no cancellation: a Hermite
+    series for narrow bins, else differences of ``log_ndtr`` with the bin reflected into the lower tail.
+    ``log P`` is floored at ``log(min_prob)``: DDPM's and iDDPM's reference evaluation floor the bin
+    probability at 1e-12, the default here; ``min_prob=0`` gives the exact value.
+
+    Shapes: ``x (B, ...)`` in [-1, 1]; ``mean``, ``log_scale`` broadcast to it. Returns ``x``'s shape, float32/64.
+    """
+    check_float(x, "x")
+    check_float(mean, "mean")
+    check_float(log_scale, "log_scale")
+    check_range(x, "x", low=-1.0, high=1.0)
+    if not 0.0 <= min_prob < 1.0:
+        raise ValueError(f"min_prob: expected a value in [0, 1), got {min_prob}")
+    dtype = coef_dtype(x, mean, log_scale)
+    xx = x.to(dtype)
+    m, ls = _like_x(mean.to(dtype), "mean", xx), _like_x(log_scale.to(dtype), "log_scale", xx)
+    inv_scale = torch.exp(-ls)
+    logp = _log_interval_prob((xx - m) * inv_scale, _HALF_BIN * inv_scale,
+                              xx < -1.0 + _HALF_BIN, xx > 1.0 - _HALF_BIN)
+    return logp.clamp(min=math.log(min_prob)) if min_prob > 0 else logp
+
+
+def decoder_nll(x: Tensor, mean: Tensor, logvar: Tensor, *, min_prob: float = 1e-12) -> Tensor:
+    """``L_0 = -sum log P(x | mean, e^logvar)`` under the discretized decoder [DDPM Eq. 13]; ``[B]`` nats.
+
+    ``x (B, ...)`` on the 256-level grid in [-1, 1]; ``mean``, ``logvar`` broadcast to it.
+    """
+    check_float(logvar, "logvar")
+    return -_sum_per_sample(discretized_gaussian_loglik(_batched(x), mean, 0.5 * logvar, min_prob=min_prob))
+
+
+def gaussian_nll(x: Tensor, mean: Tensor, logvar: Tensor) -> Tensor:
+    """``-sum log N(x; mean, e^logvar) = sum (log 2 pi + logvar + (x - mean)^2 e^-logvar) / 2``; ``[B]`` nats.
+
+    The continuous decoder (a density, for real-valued data). ``x (B, ...)``; ``mean``, ``logvar`` broadcast.
+    """
+    _batched(x)
+    check_float(mean, "mean")
+    check_float(logvar, "logvar")
+    dtype = coef_dtype(x, mean, logvar)
+    xx = x.to(dtype)
+    m, lv = _like_x(mean.to(dtype), "mean", xx), _like_x(logvar.to(dtype), "logvar", xx)
+    return _sum_per_sample(0.5 * (_LOG_2PI + lv + (xx - m).square() * torch.exp(-lv)))
+
+
+def prior_kl(x: Tensor, logsnr_T: Scalar) -> Tensor:
+    """``L_T = KL(q(z_T | x) || N(0, I)) = sum (alpha_T^2 (x^2 - 1) - log sigma_T^2) / 2`` [DDPM Eq. 5]; ``[B]`` nats.
+
+    Uses ``sigma^2 - 1 = -alpha^2`` and ``log sigma^2 = logsigmoid(-logsnr)``. ``x (B, ...)``; ``logsnr_T`` ``[]``
+    or ``[B]``.
+    """
+    _batched(x)
+    l = per_sample(logsnr_T, "logsnr_T", x)
+    xx = x.to(l.dtype)
+    return _sum_per_sample(_like_x(0.5 * (torch.sigmoid(l) * (xx.square() - 1.0) - F.logsigmoid(-l)), "x", xx))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reverse-process variance and the VLB terms
+
+
+def learned_logvar(v: Tensor, logsnr_s: Scalar, logsnr_t: Scalar, *, first_logvar: Scalar | None = None) -> Tensor:
+    """``log Sigma = f log beta_t + (1 - f) log beta~_t`` with ``f = (v + 1) / 2`` [iDDPM Eq. 15].
+
+    ``v`` is the network's raw output; the paper writes the interpolation weight in [0, 1], and its released
+    code maps an output in [-1, 1] to it by ``(v + 1) / 2`` without clamping: we do the same (``v = 1`` gives
+    ``beta_t``, ``v = -1`` gives ``beta~_t``; values outside extrapolate). From the log-SNRs,
+    ``beta_t = 1 - alpha_t^2 / alpha_s^2`` and ``beta~_t = sigma_s^2 (1 - SNR_t / SNR_s)``, the posterior
+    variance (:func:`kdiff.process.posterior_logvar`).
+
+    At the first step (``logsnr_s = +inf``, onto clean data) ``beta~_1 = 0``. iDDPM's code replaces it by the
+    second step's ``beta~_2``; pass that value as ``first_logvar`` (e.g.
+    ``posterior_logvar(logsnrs[0], logsnrs[1])`` for a table ``logsnrs``). Without it a first step raises.
+
+    Shapes: ``v (B, ...)``; ``logsnr_s``, ``logsnr_t`` ``[]`` or ``[B]``; ``first_logvar`` a scalar or broadcast
+    to ``v``. Returns ``v``'s shape, float32/64.
+    """
+    _batched(v, "v")
+    dtype = coef_dtype(logsnr_s, logsnr_t, v)
+    ls = per_sample(logsnr_s, "logsnr_s", v, dtype=dtype)
+    lt = per_sample(logsnr_t, "logsnr_t", v, dtype=dtype)
+    _check_step(ls, lt)
+    log_beta = torch.log(-torch.expm1(F.logsigmoid(lt) - F.logsigmoid(ls)))
+    first = torch.isinf(ls)
+    log_beta_tilde = posterior_logvar(torch.where(first, lt + 1.0, ls), lt)
+    if first_logvar is not None:
+        fl = _like_x(as_coef(first_logvar, "first_logvar", dtype=dtype, device=v.device), "first_logvar", v)
+        log_beta_tilde = torch.where(first, fl, log_beta_tilde)
+    elif first.any():
+        raise ValueError("logsnr_s: +inf (the first step, where beta~ = 0) needs first_logvar; iDDPM uses the "
+                         "second step's posterior log-variance, posterior_logvar(logsnrs[0], logsnrs[1])")
+    frac = 0.5 * (v.to(dtype) + 1.0)
+    return frac * log_beta + (1.0 - frac) * log_beta_tilde
+
+
+def _check_step(ls: Tensor, lt: Tensor) -> None:
+    """ValueError unless ``logsnr_t`` is finite and ``logsnr_s > logsnr_t`` (``+inf`` allowed for ``logsnr_s``)."""
+    if not _checking():
+        return
+    check_range(ls, "logsnr_s")
+    if not torch.isfinite(lt).all():
+        raise ValueError(f"logsnr_t: expected finite values, got {lt.flatten().tolist()[:8]}")
+    if (ls <= lt).any():
+        raise ValueError(f"logsnr_s: expected logsnr_s > logsnr_t (s is the less noisy level), got "
+                         f"logsnr_s {ls.flatten().tolist()[:8]} and logsnr_t {lt.flatten().tolist()[:8]}")
+
+
+def _flat(l: Tensor) -> Tensor:
+    """A per-sample coefficient padded by ``per_sample`` back to ``[]`` or ``[B]``."""
+    return l.reshape(l.shape[:1]) if l.ndim else l
+
+
+def vlb_term(x: Tensor, z_t: Tensor, mean: Tensor, logvar: Tensor, logsnr_s: Scalar, logsnr_t: Scalar) -> Tensor:
+    """``L_{t-1} = KL(q(z_s | z_t, x) || N(mean, e^logvar))`` summed per sample [DDPM Eq. 5; iDDPM Eq. 6]; ``[B]`` nats.
+
+    ``q(z_s | z_t, x)`` is :func:`kdiff.process.posterior`. Where ``logsnr_s = +inf`` (the first step, whose
+    posterior is a point mass at ``x``) the term is the decoder's ``L_0 = decoder_nll(x, mean, logvar)``
+    instead, as in iDDPM, so a batch may mix the first step with the others.
+
+    Shapes: ``x, z_t, mean (B, ...)``; ``logvar`` broadcast to them; ``logsnr_s > logsnr_t``, ``[]`` or ``[B]``.
+    """
+    _batched(x)
+    check_float(z_t, "z_t")
+    check_float(mean, "mean")
+    check_float(logvar, "logvar")
+    check_same_shape(x, z_t, "x", "z_t")
+    check_same_shape(x, mean, "x", "mean")
+    _like_x(logvar, "logvar", x)
+    dtype = coef_dtype(logsnr_s, logsnr_t, x, mean, logvar)
+    ls = per_sample(logsnr_s, "logsnr_s", x, dtype=dtype)
+    lt = per_sample(logsnr_t, "logsnr_t", x, dtype=dtype)
+    _check_step(ls, lt)
+    first = torch.isinf(ls)
+    ls_safe = torch.where(first, lt + 1.0, ls)  # any finite level above lt; those samples take L_0 below
+    q_mean, _ = posterior(x.to(dtype), z_t.to(dtype), _flat(ls_safe), _flat(lt))
+    kl = _sum_per_sample(_like_x(normal_kl(q_mean, posterior_logvar(ls_safe, lt), mean, logvar), "logvar", x))
+    if not first.any():
+        return kl
+    return torch.where(_flat(first).expand(kl.shape), decoder_nll(x, mean, logvar), kl)
+
+
+def hybrid_loss(x: Tensor, z_t: Tensor, eps: Tensor, eps_hat: Tensor, logvar: Tensor, logsnr_s: Scalar,
+                logsnr_t: Scalar, *, num_steps: int, lam: float = 0.001) -> Tensor:
+    """``L_hybrid = L_simple + lam L_vlb`` [iDDPM Sec. 3.1, Eq. 16]; ``[B]``.
+
+    ``L_simple = mean_d (eps - eps_hat)^2`` [DDPM Eq. 14]. ``L_vlb`` is estimated from the sampled step as
+    ``num_steps * L_{t-1}`` in bits per dimension (:func:`vlb_term`, the decoder term at the first step), with
+    the model mean built from ``stopgrad(eps_hat)`` (``x_hat = x_from_eps``, mean = posterior mean at
+    ``x_hat``), so the VLB part trains only ``logvar`` (e.g. from :func:`learned_logvar`). This is iDDPM's
+    weighting: ``lam num_steps = num_steps / 1000`` for the default ``lam``.
+
+    Shapes: ``x, z_t, eps, eps_hat (B, ...)``; ``logvar`` broadcast to them; ``logsnr_s``, ``logsnr_t`` ``[]``
+    or ``[B]``.
+    """
+    _batched(x)
+    check_float(eps, "eps")
+    check_float(eps_hat, "eps_hat")
+    check_same_shape(x, eps, "x", "eps")
+    check_same_shape(x, eps_hat, "x", "eps_hat")
+    check_int(num_steps, "num_steps", low=1)
+    if lam < 0:
+        raise ValueError(f"lam: expected >= 0, got {lam}")
+    z = z_t.to(coef_dtype(z_t, x))  # bf16/fp16 latents: build the mean in float32
+    x_hat = x_from_eps(z, eps_hat.detach().to(z.dtype), logsnr_t)
+    mean, _ = posterior(x_hat, z, logsnr_s, logsnr_t)  # at logsnr_s = +inf this is x_hat itself
+    vb_bits = bits_per_dim(vlb_term(x, z_t, mean, logvar, logsnr_s, logsnr_t), _dims(x))
+    dtype = vb_bits.dtype
+    simple = (eps.to(dtype) - eps_hat.to(dtype)).square().reshape(x.shape[0], -1).mean(dim=1)
+    return simple + (lam * num_steps) * vb_bits
+
+
+def bits_per_dim(nats: Tensor, dims: int) -> Tensor:
+    """``bits/dim = nats / (dims ln 2)``: a per-sample bound in nats over ``dims`` data dimensions."""
+    check_float(nats, "nats")
+    check_int(dims, "dims", low=1)
+    return nats / (dims * math.log(2.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole chain
+
+
+class VLB(NamedTuple):
+    """The terms of the bound for a batch ``x (B, ...)`` and a table of ``T`` levels."""
+
+    bpd: Tensor  # [B] total, bits per dimension
+    nats: Tensor  # [B] total, nats: prior + terms.sum(1)
+    prior: Tensor  # [B] L_T, nats
+    terms: Tensor  # [B, T] nats: column 0 is L_0 (the decoder), column i >= 1 is L_i = KL at z_{i+1} -> z_i
+
+
+def _check_table(logsnrs: Tensor) -> Tensor:
+    check_float(logsnrs, "logsnrs")
+    if logsnrs.ndim != 1 or logsnrs.numel() < 1:
+        raise ValueError(f"logsnrs: expected a 1-D table (T,) with T >= 1, got shape {tuple(logsnrs.shape)}")
+    if not torch.isfinite(logsnrs).all():
+        raise ValueError("logsnrs: expected finite values (z_0 = x is implicit, at +inf)")
+    if logsnrs.numel() > 1 and not (logsnrs[1:] < logsnrs[:-1]).all():
+        raise ValueError(f"logsnrs: expected strictly decreasing values (index i is the level of z_(i+1), "
+                         f"noisier with i), got {logsnrs.tolist()[:8]}...")
+    return logsnrs
+
+
+def vlb(model_fn: ModelFn, x: Tensor, logsnrs: Tensor, *, generator: torch.Generator | None = None,
+        noise: Tensor | None = None, decoder: str = "discretized",
+        prior: tuple[Tensor, Tensor] | None = None) -> VLB:
+    """``-log p(x) <= L_T + sum_{i=1}^{T-1} L_i + L_0`` for every sample, term by term [DDPM Eq. 5; iDDPM Sec. 3].
+
+    Each term is estimated at its own ``z_{i+1} = diffuse(x, noise[i], logsnrs[i])``, independently drawn
+    (unbiased, since the bound is a sum of expectations). ``model_fn(z, i)`` returns ``(mean, logvar)`` of
+    ``p(z_i | z_{i+1})`` for ``z = z_{i+1}`` at level ``logsnrs[i]``; for ``i = 0`` that is the decoder
+    ``p(x | z_1)``. ``logvar`` broadcasts to ``x``.
+
+    Args:
+        x: data ``(B, ...)``; on the 256-level grid in [-1, 1] for the discretized decoder.
+        logsnrs: ``(T,)`` strictly decreasing, finite (``logsnrs[i]`` is the level of ``z_{i+1}``).
+        generator, noise: the forward noise: ``noise`` of shape ``(T, *x.shape)``, or drawn from ``generator``
+            (torch's global generator when both are None).
+        decoder: ``"discretized"`` (:func:`decoder_nll`, 8-bit data) or ``"gaussian"`` (:func:`gaussian_nll`,
+            a density for continuous data).
+        prior: ``(mean, logvar)`` of ``p(z_T)``, broadcast to ``x``; default ``N(0, I)`` (:func:`prior_kl`).
+    Returns:
+        :class:`VLB` with ``bpd``, ``nats``, ``prior`` ``[B]`` and ``terms`` ``[B, T]``, in nats except ``bpd``.
+    """
+    _batched(x)
+    _check_table(logsnrs)
+    T = logsnrs.numel()
+    if decoder not in ("discretized", "gaussian"):
+        raise ValueError(f"decoder: expected 'discretized' or 'gaussian', got {decoder!r}")
+    if noise is not None:
+        check_float(noise, "noise")
+        if noise.shape != (T, *x.shape):
+            raise ValueError(f"noise: expected shape {(T, *x.shape)} (T, *x.shape), got {tuple(noise.shape)}")
+    dec = decoder_nll if decoder == "discretized" else gaussian_nll
+    levels = logsnrs.to(x.device)
+    terms = []
+    for i in range(T):
+        eps = noise[i] if noise is not None else torch.randn(x.shape, generator=generator, dtype=x.dtype,
+                                                            device=x.device)
+        z = diffuse(x, eps, levels[i])
+        mean, logvar = model_fn(z, i)
+        terms.append(dec(x, mean, logvar) if i == 0 else vlb_term(x, z, mean, logvar, levels[i - 1], levels[i]))
+    if prior is None:
+        l_T = prior_kl(x, levels[-1])
+    else:
+        l = levels[-1].to(coef_dtype(levels, x))
+        q_mean = torch.sigmoid(l).sqrt() * x.to(l.dtype)
+        l_T = _sum_per_sample(_like_x(normal_kl(q_mean, F.logsigmoid(-l), prior[0], prior[1]), "prior", x))
+    stacked = torch.stack(terms, dim=1)
+    nats = l_T + stacked.sum(dim=1)
+    return VLB(bpd=bits_per_dim(nats, _dims(x)), nats=nats, prior=l_T, terms=stacked)
+
+
+# ----------------------------------------------------------------------------------------------
+# Importance sampling of t (iDDPM Sec. 3.3)
+
+
+def _check_history(loss_history: Tensor, counts: Tensor | None) -> None:
+    check_float(loss_history, "loss_history")
+    if loss_history.ndim != 2 or loss_history.shape[1] < 1:
+        raise ValueError(f"loss_history: expected shape (T, K) with K >= 1, got {tuple(loss_history.shape)}")
+    if counts is not None:
+        if not isinstance(counts, Tensor) or counts.is_floating_point() or counts.dtype == torch.bool:
+            raise TypeError(f"counts: expected an integer tensor, got "
+                            f"{counts.dtype if isinstance(counts, Tensor) else type(counts).__name__}")
+        if counts.shape != loss_history.shape[:1]:
+            raise ValueError(f"counts: expected shape {tuple(loss_history.shape[:1])} (T,), got {tuple(counts.shape)}")
+
+
+def importance_probs(loss_history: Tensor, counts: Tensor | None = None, *, uniform_prob: float = 0.001) -> Tensor:
+    """``p_t = (1 - u) sqrt(E[L_t^2]) / sum_t' sqrt(E[L_t'^2]) + u / T`` [iDDPM Sec. 3.3, Eq. 18].
+
+    ``loss_history (T, K)``: the last ``K`` values of each loss term ``L_t`` (iDDPM keeps K = 10);
+    ``counts (T,)`` integer, how many of each row are filled (None: all). Until every row is full the
+    sampler is uniform, as in iDDPM. ``u = uniform_prob`` mixes in the uniform distribution. Returns ``(T,)``
+    float32/64 summing to 1.
+    """
+    _check_history(loss_history, counts)
+    if not 0.0 <= uniform_prob <= 1.0:
+        raise ValueError(f"uniform_prob: expected a value in [0, 1], got {uniform_prob}")
+    T, K = loss_history.shape
+    h = loss_history.to(coef_dtype(loss_history))
+    uniform = torch.full((T,), 1.0 / T, dtype=h.dtype, device=h.device)
+    if counts is not None and bool((counts < K).any()):
+        return uniform
+    w = h.square().mean(dim=1).sqrt()
+    total = w.sum()
+    p = torch.where(total > 0, w / torch.where(total > 0, total, 1.0), uniform)
+    return (1.0 - uniform_prob) * p + uniform_prob / T
+
+
+def importance_weights(probs: Tensor, t: Tensor) -> Tensor:
+    """``w = 1 / (T p_t)`` for sampled indices ``t [B]``, so ``E_{t~p}[w_t L_t] = mean_t L_t``; ``[B]``."""
+    check_float(probs, "probs")
+    if probs.ndim != 1:
+        raise ValueError(f"probs: expected shape (T,), got {tuple(probs.shape)}")
+    if not isinstance(t, Tensor) or t.is_floating_point() or t.dtype == torch.bool:
+        raise TypeError(f"t: expected an integer tensor of indices, got "
+                        f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
+    return 1.0 / (probs.numel() * probs[t])
+
+
+def push_loss_history(loss_history: Tensor, counts: Tensor, t: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+    """Append ``losses[b]`` to row ``t[b]`` of the history, oldest value dropped from a full row (iDDPM Sec. 3.3).
+
+    Pure: returns new ``(loss_history (T, K), counts (T,))``. Samples are taken in batch order, one at a time
+    (keep the history on the CPU). ``t [B]`` integer, ``losses [B]``.
+    """
+    _check_history(loss_history, counts)
+    check_float(losses, "losses")
+    if not isinstance(t, Tensor) or t.is_floating_point() or t.dtype == torch.bool:
+        raise TypeError(f"t: expected an integer tensor, got {t.dtype if isinstance(t, Tensor) else type(t).__name__}")
+    if t.ndim != 1 or losses.shape != t.shape:
+        raise ValueError(f"losses: expected shape {tuple(t.shape)} (the shape of t, 1-D), got {tuple(losses.shape)}")
+    hist, cnt = loss_history.clone(), counts.clone()
+    K = hist.shape[1]
+    for ti, li in zip(t.tolist(), losses.detach().to(hist.dtype).unbind(0)):
+        n = int(cnt[ti])
+        if n >= K:
+            hist[ti] = torch.cat([hist[ti, 1:], li.reshape(1)])
+        else:
+            hist[ti, n] = li
+            cnt[ti] = n + 1
+    return hist, cnt
+
+
+# ----------------------------------------------------------------------------------------------
+# Continuous time (VDM)
+
+
+def continuous_diffusion_loss(eps: Tensor, eps_hat: Tensor, dlogsnr_dt: Scalar) -> Tensor:
+    """``L_inf = -(1/2) dlogsnr/dt ||eps - eps_hat||^2`` [VDM Eq. 17, with gamma = -logsnr]; ``[B]`` nats.
+
+    The ``T -> inf`` limit of the diffusion terms of the bound, one Monte-Carlo sample of ``t``: equal to
+    ``-(1/2) dSNR/dt ||x - x_hat||^2`` [VDM Eq. 15] for ``x_hat = x_from_eps(z_t, eps_hat, logsnr_t)``.
+    ``eps, eps_hat (B, ...)``; ``dlogsnr_dt`` ``[]`` or ``[B]`` (negative for a schedule that adds noise with t).
+    """
+    _batched(eps, "eps")
+    check_float(eps_hat, "eps_hat")
+    check_same_shape(eps, eps_hat, "eps", "eps_hat")
+    d = per_sample(dlogsnr_dt, "dlogsnr_dt", eps)
+    return _sum_per_sample(_like_x(-0.5 * d * (eps.to(d.dtype) - eps_hat.to(d.dtype)).square(), "eps", eps))
