@@ -14,7 +14,6 @@ References:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ._util import Scalar, as_coef, check_float, check_range, check_same_shape, per_sample
@@ -23,68 +22,77 @@ __all__ = ["x_from_eps", "eps_from_x", "v_from_x_eps", "x_from_v", "eps_from_v",
            "v_from_eps", "score_from_eps", "eps_from_score", "edm_precond"]
 
 
-def _args(z: Tensor, other: Tensor, names: tuple[str, str], logsnr: Scalar) -> Tensor:
+def _softplus(l: Tensor) -> Tensor:
+    """``log(1 + e^l)`` at full precision for every ``l`` (``F.softplus`` returns ``l`` itself past 20, a
+    relative error ``e^-20 ~ 2e-9`` that float64 conversions at high logsnr would show)."""
+    return torch.logaddexp(l, torch.zeros_like(l))
+
+
+def _args(z: Tensor, other: Tensor, names: tuple[str, str], logsnr: Scalar) -> tuple[Tensor, Tensor, Tensor]:
+    """Checked ``(z, other, logsnr)``, the data upcast to the coefficient dtype (float32 or float64):
+    a 0-d float32 coefficient would not promote bf16/fp16 data, and the math would run in bf16."""
     check_float(z, names[0])
     check_float(other, names[1])
     check_same_shape(z, other, names[0], names[1])
-    return per_sample(logsnr, "logsnr", z)
+    l = per_sample(logsnr, "logsnr", z)
+    return z.to(l.dtype), other.to(l.dtype), l
 
 
 def x_from_eps(z: Tensor, eps: Tensor, logsnr: Scalar) -> Tensor:
     """``x = (z - sigma eps) / alpha = z sqrt(1 + e^-l) - eps e^(-l/2)``."""
-    l = _args(z, eps, ("z", "eps"), logsnr)
-    return (z * torch.exp(0.5 * F.softplus(-l)) - eps * torch.exp(-0.5 * l)).to(z.dtype)
+    z_, eps_, l = _args(z, eps, ("z", "eps"), logsnr)
+    return (z_ * torch.exp(0.5 * _softplus(-l)) - eps_ * torch.exp(-0.5 * l)).to(z.dtype)
 
 
 def eps_from_x(z: Tensor, x: Tensor, logsnr: Scalar) -> Tensor:
     """``eps = (z - alpha x) / sigma = z sqrt(1 + e^l) - x e^(l/2)``."""
-    l = _args(z, x, ("z", "x"), logsnr)
-    return (z * torch.exp(0.5 * F.softplus(l)) - x * torch.exp(0.5 * l)).to(z.dtype)
+    z_, x_, l = _args(z, x, ("z", "x"), logsnr)
+    return (z_ * torch.exp(0.5 * _softplus(l)) - x_ * torch.exp(0.5 * l)).to(z.dtype)
 
 
 def v_from_x_eps(x: Tensor, eps: Tensor, logsnr: Scalar) -> Tensor:
     """``v = alpha eps - sigma x`` [PD Sec. 4]."""
-    l = _args(x, eps, ("x", "eps"), logsnr)
-    return (torch.sigmoid(l).sqrt() * eps - torch.sigmoid(-l).sqrt() * x).to(x.dtype)
+    x_, eps_, l = _args(x, eps, ("x", "eps"), logsnr)
+    return (torch.sigmoid(l).sqrt() * eps_ - torch.sigmoid(-l).sqrt() * x_).to(x.dtype)
 
 
 def x_from_v(z: Tensor, v: Tensor, logsnr: Scalar) -> Tensor:
     """``x = alpha z - sigma v``."""
-    l = _args(z, v, ("z", "v"), logsnr)
-    return (torch.sigmoid(l).sqrt() * z - torch.sigmoid(-l).sqrt() * v).to(z.dtype)
+    z_, v_, l = _args(z, v, ("z", "v"), logsnr)
+    return (torch.sigmoid(l).sqrt() * z_ - torch.sigmoid(-l).sqrt() * v_).to(z.dtype)
 
 
 def eps_from_v(z: Tensor, v: Tensor, logsnr: Scalar) -> Tensor:
     """``eps = sigma z + alpha v``."""
-    l = _args(z, v, ("z", "v"), logsnr)
-    return (torch.sigmoid(-l).sqrt() * z + torch.sigmoid(l).sqrt() * v).to(z.dtype)
+    z_, v_, l = _args(z, v, ("z", "v"), logsnr)
+    return (torch.sigmoid(-l).sqrt() * z_ + torch.sigmoid(l).sqrt() * v_).to(z.dtype)
 
 
 def v_from_x(z: Tensor, x: Tensor, logsnr: Scalar) -> Tensor:
     """``v = (alpha z - x) / sigma = z e^(l/2) - x sqrt(1 + e^l)`` (eps eliminated)."""
-    l = _args(z, x, ("z", "x"), logsnr)
-    return (z * torch.exp(0.5 * l) - x * torch.exp(0.5 * F.softplus(l))).to(z.dtype)
+    z_, x_, l = _args(z, x, ("z", "x"), logsnr)
+    return (z_ * torch.exp(0.5 * l) - x_ * torch.exp(0.5 * _softplus(l))).to(z.dtype)
 
 
 def v_from_eps(z: Tensor, eps: Tensor, logsnr: Scalar) -> Tensor:
     """``v = (eps - sigma z) / alpha`` (eliminating x)."""
-    l = _args(z, eps, ("z", "eps"), logsnr)
-    inv_alpha = torch.exp(0.5 * F.softplus(-l))
-    return ((eps - torch.sigmoid(-l).sqrt() * z) * inv_alpha).to(z.dtype)
+    z_, eps_, l = _args(z, eps, ("z", "eps"), logsnr)
+    inv_alpha = torch.exp(0.5 * _softplus(-l))
+    return ((eps_ - torch.sigmoid(-l).sqrt() * z_) * inv_alpha).to(z.dtype)
 
 
 def score_from_eps(eps: Tensor, logsnr: Scalar) -> Tensor:
     """``grad_z log q(z_t) = -eps / sigma`` [SDE Eq. 4 / Tweedie], with ``1/sigma = sqrt(1 + e^l)``."""
     check_float(eps, "eps")
     l = per_sample(logsnr, "logsnr", eps)
-    return (-eps * torch.exp(0.5 * F.softplus(l))).to(eps.dtype)
+    return (-eps.to(l.dtype) * torch.exp(0.5 * _softplus(l))).to(eps.dtype)
 
 
 def eps_from_score(score: Tensor, logsnr: Scalar) -> Tensor:
     """``eps = -sigma * score``."""
     check_float(score, "score")
     l = per_sample(logsnr, "logsnr", score)
-    return (-score * torch.sigmoid(-l).sqrt()).to(score.dtype)
+    return (-score.to(l.dtype) * torch.sigmoid(-l).sqrt()).to(score.dtype)
 
 
 def edm_precond(sigma: Scalar, *, sigma_data: float = 0.5) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._util import Scalar, as_coef, check_float, check_same_shape, coef_dtype, per_sample
+from ._util import Scalar, _checking, as_coef, check_float, check_same_shape, coef_dtype, per_sample
 
 __all__ = ["diffuse", "transition", "posterior", "posterior_logvar"]
 
@@ -26,13 +26,24 @@ def diffuse(x: Tensor, eps: Tensor, logsnr: Scalar) -> Tensor:
     check_same_shape(x, eps, "x", "eps")
     l = per_sample(logsnr, "logsnr", x)
     alpha, sigma = torch.sigmoid(l).sqrt(), torch.sigmoid(-l).sqrt()
-    return (alpha * x + sigma * eps).to(x.dtype)
+    # Data upcast to the coefficient dtype: a 0-d float32 coefficient would not promote bf16 data.
+    return (alpha * x.to(l.dtype) + sigma * eps.to(l.dtype)).to(x.dtype)
+
+
+def _check_order(ls: Tensor, lt: Tensor) -> None:
+    """ValueError unless ``logsnr_s >= logsnr_t`` (a reversed pair would give a negative variance)."""
+    if _checking() and (ls < lt).any():
+        gap = (ls - lt).min().item()
+        raise ValueError(f"logsnr_s: expected logsnr_s >= logsnr_t (s is the less noisy time), got "
+                         f"min(logsnr_s - logsnr_t) = {gap:.6g}")
 
 
 def _pair(logsnr_s: Scalar, logsnr_t: Scalar) -> tuple[Tensor, Tensor]:
     dtype = coef_dtype(logsnr_s, logsnr_t)
     ls, lt = as_coef(logsnr_s, "logsnr_s", dtype=dtype), as_coef(logsnr_t, "logsnr_t", dtype=dtype)
-    return ls, lt.to(ls.device)
+    lt = lt.to(ls.device)
+    _check_order(ls, lt)
+    return ls, lt
 
 
 def transition(logsnr_s: Scalar, logsnr_t: Scalar) -> tuple[Tensor, Tensor]:
@@ -40,7 +51,7 @@ def transition(logsnr_s: Scalar, logsnr_t: Scalar) -> tuple[Tensor, Tensor]:
 
     ``alpha_ts = alpha_t / alpha_s = exp((logsigmoid(l_t) - logsigmoid(l_s)) / 2)`` and
     ``var_ts = sigma_t^2 - alpha_ts^2 sigma_s^2 = -sigma_t^2 expm1(l_t - l_s)`` (stable when
-    ``l_s ~ l_t``). Shapes broadcast; no padding to data rank.
+    ``l_s ~ l_t``). Shapes broadcast; no padding to data rank. ``logsnr_s >= logsnr_t``, else ValueError.
     """
     ls, lt = _pair(logsnr_s, logsnr_t)
     alpha_ts = torch.exp(0.5 * (F.logsigmoid(lt) - F.logsigmoid(ls)))
@@ -65,8 +76,8 @@ def posterior(x: Tensor, z_t: Tensor, logsnr_s: Scalar, logsnr_t: Scalar) -> tup
 
     Args:
         x: clean data ``(B, ...)``; z_t: the noisy latent, same shape.
-        logsnr_s, logsnr_t: ``[]`` or ``[B]``, ``logsnr_s >= logsnr_t``. ``logsnr_s = +inf`` is
-            allowed (then ``mean = x``, ``var = 0``).
+        logsnr_s, logsnr_t: ``[]`` or ``[B]``, ``logsnr_s >= logsnr_t`` (else ValueError).
+            ``logsnr_s = +inf`` is allowed (then ``mean = x``, ``var = 0``).
     Returns:
         ``mean`` in ``x``'s dtype and ``var`` as a float32/64 coefficient padded to ``x``'s rank.
     """
@@ -76,9 +87,10 @@ def posterior(x: Tensor, z_t: Tensor, logsnr_s: Scalar, logsnr_t: Scalar) -> tup
     dtype = coef_dtype(logsnr_s, logsnr_t, x)
     ls = per_sample(logsnr_s, "logsnr_s", x, dtype=dtype)
     lt = per_sample(logsnr_t, "logsnr_t", x, dtype=dtype)
+    _check_order(ls, lt)
     c_z = torch.exp(lt - ls + 0.5 * (F.logsigmoid(ls) - F.logsigmoid(lt)))
     one_minus = -torch.expm1(lt - ls)
     alpha_s = torch.sigmoid(ls).sqrt()
-    mean = c_z * z_t + alpha_s * one_minus * x
+    mean = c_z * z_t.to(dtype) + alpha_s * one_minus * x.to(dtype)
     var = torch.sigmoid(-ls) * one_minus
     return mean.to(x.dtype), var

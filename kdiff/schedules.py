@@ -145,9 +145,16 @@ def logsnr_cosine(t: Scalar, *, logsnr_min: float = -15.0, logsnr_max: float = 1
     ``t_min = atan(exp(-logsnr_max / 2))``, ``t_max = atan(exp(-logsnr_min / 2))``, so that
     ``logsnr(0) = logsnr_max`` and ``logsnr(1) = logsnr_min``. ``t`` in [0, 1].
     """
-    tt = _time(t)
-    t_min, t_max = _cosine_bounds(logsnr_min, logsnr_max)
-    return -2.0 * torch.log(torch.tan(t_min + tt * (t_max - t_min)))
+    return _cosine(_time(t), *_cosine_bounds(logsnr_min, logsnr_max))
+
+
+def _cosine(tt: Tensor, t_min: float, t_max: float) -> Tensor:
+    """:func:`logsnr_cosine` on a checked ``t``. Past pi/4 it uses ``tan(u) = 1 / tan(pi/2 - u)`` with
+    ``pi/2 - u`` formed from ``1 - t``: near ``u = pi/2`` the difference would otherwise lose most of its
+    float32 digits (a logsnr error ~2e-4 at -15)."""
+    u = t_min + tt * (t_max - t_min)
+    u_rev = (0.5 * math.pi - t_max) + (1.0 - tt) * (t_max - t_min)
+    return torch.where(u <= 0.25 * math.pi, -2.0 * torch.log(torch.tan(u)), 2.0 * torch.log(torch.tan(u_rev)))
 
 
 def t_from_logsnr_cosine(logsnr: Scalar, *, logsnr_min: float = -15.0, logsnr_max: float = 15.0) -> Tensor:
@@ -189,10 +196,14 @@ def logsnr_cosine_interpolated(t: Scalar, *, image_size: int, noise_size_low: in
     At high noise (t -> 1) the schedule follows the strongly shifted ``noise_size_low`` version,
     at low noise (t -> 0) the ``noise_size_high`` one (default: ``image_size``, i.e. unshifted).
     """
-    tt = _time(t)
     high = image_size if noise_size_high is None else noise_size_high
-    base = logsnr_cosine(tt, logsnr_min=logsnr_min, logsnr_max=logsnr_max)
-    return base + tt * _shift(image_size, noise_size_low) + (1.0 - tt) * _shift(image_size, high)
+    return _interpolated(_time(t), _cosine_bounds(logsnr_min, logsnr_max), _shift(image_size, noise_size_low),
+                         _shift(image_size, high))
+
+
+def _interpolated(tt: Tensor, bounds: tuple[float, float], shift_low: float, shift_high: float) -> Tensor:
+    """:func:`logsnr_cosine_interpolated` on a checked ``t``: ``cosine(t) + t shift_low + (1 - t) shift_high``."""
+    return _cosine(tt, *bounds) + tt * shift_low + (1.0 - tt) * shift_high
 
 
 def t_from_logsnr_cosine_interpolated(logsnr: Scalar, *, image_size: int, noise_size_low: int = 32,
@@ -208,11 +219,11 @@ def t_from_logsnr_cosine_interpolated(logsnr: Scalar, *, image_size: int, noise_
                          f"got {noise_size_low}")
     target = l.to(torch.float64)
     lo, hi = torch.zeros_like(target), torch.ones_like(target)
-    kw = dict(image_size=image_size, noise_size_low=noise_size_low, noise_size_high=high,
-              logsnr_min=logsnr_min, logsnr_max=logsnr_max)
+    bounds = _cosine_bounds(logsnr_min, logsnr_max)
+    shift_low, shift_high = _shift(image_size, noise_size_low), _shift(image_size, high)
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        above = logsnr_cosine_interpolated(mid, **kw) > target  # still too clean: move right
+        above = _interpolated(mid, bounds, shift_low, shift_high) > target  # still too clean: move right
         lo = torch.where(above, mid, lo)
         hi = torch.where(above, hi, mid)
     return (0.5 * (lo + hi)).to(l.dtype)
@@ -252,13 +263,21 @@ def sigma_lognormal(u: Tensor, *, p_mean: float = -1.2, p_std: float = 1.2) -> T
 # Timestep respacing
 
 
+def _round_div(q: Tensor, d: int) -> Tensor:
+    """``round(q / d)`` for integers ``q >= 0``, ``d >= 1``, ties to even (as ``numpy.round``), in exact
+    integer arithmetic: float ``T - k T/n`` lands on either side of a tie (e.g. T=27, n=26)."""
+    floor, rem = q // d, q % d
+    up = (2 * rem > d) | ((2 * rem == d) & (floor % 2 == 1))
+    return floor + up.to(torch.int64)
+
+
 def respace(T: int, n: int, *, spacing: str = "trailing") -> Tensor:
     """Choose ``n`` of the ``T`` discrete timesteps (indices 0..T-1) for sampling; increasing int64.
 
     - ``"trailing"`` (default) [Lin Table 2]: ``round(T - k T/n) - 1`` for k = 0..n-1, so the last
-      index ``T - 1`` (pure noise) is always included.
-    - ``"leading"``: ``k * (T // n)`` — the convention of several libraries, which never reaches
-      ``T - 1`` when ``n`` does not divide ``T`` evenly and so starts sampling from a partly clean
+      index ``T - 1`` (pure noise) is always included. Rounding is exact, ties to even.
+    - ``"leading"``: ``k * (T // n)`` — the convention of several libraries, which reaches ``T - 1``
+      only when ``n = T`` (T = 1000, n = 50 ends at 980) and so starts sampling from a partly clean
       level.
     - ``"linspace"``: ``round(linspace(0, T - 1, n))``, both ends included.
     """
@@ -266,13 +285,12 @@ def respace(T: int, n: int, *, spacing: str = "trailing") -> Tensor:
     check_int(n, "n", low=1)
     if n > T:
         raise ValueError(f"n: expected 1 <= n <= T={T}, got {n}")
+    k = torch.arange(n, dtype=torch.int64)
     if spacing == "trailing":
-        k = torch.arange(n, dtype=torch.float64)
-        idx = torch.round(T - k * (T / n)).to(torch.int64) - 1
-        return idx.flip(0)
+        return (_round_div(T * (n - k), n) - 1).flip(0)
     if spacing == "leading":
-        return torch.arange(n, dtype=torch.int64) * (T // n)
+        return k * (T // n)
     if spacing == "linspace":
-        return torch.round(torch.linspace(0, T - 1, n, dtype=torch.float64)).to(torch.int64)
+        return _round_div(k * (T - 1), max(n - 1, 1))
     raise ValueError(f"spacing: expected one of 'trailing', 'leading', 'linspace', got {spacing!r}")
 
