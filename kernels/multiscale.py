@@ -1,26 +1,510 @@
-"""Simple diffusion's multiscale loss: the fused kernel lands here; until then, the reference."""
+"""Simple diffusion's multiscale loss, fused: one pass over memory for the loss and its gradient.
+
+Hoogeboom, Heek & Salimans, "simple diffusion" (ICML 2023), section "Multiscale training loss"::
+
+    L_b = sum_l w_l / (h_l w_l) * || D_l[pred_b] - D_l[target_b] ||^2,     w_l = 1 / s_l by default
+
+where ``D_l`` is average pooling by ``k_l = 2^l`` to ``(h_l, w_l) = (H / k_l, W / k_l)``, the norm sums
+channels and pooled pixels, and ``s_l = min(h_l, w_l)`` (``= d / k_l`` for square ``d x d`` images, so the
+default term is ``(1/s)(1/s^2) ||.||^2``). Levels: ``k = 1, 2, 4, ...`` while both sides divide by ``k``
+and ``s_l >= base``, so ``d`` not a power-of-two multiple of ``base`` keeps the levels that exist
+(``d = 96, base = 32``: 96 and 48) and ``d < base`` keeps the full-resolution term only. Explicit
+``weights`` (finest level first) fix the number of levels to ``len(weights)`` instead (``base`` is then
+unused) and require ``H`` and ``W`` to divide by ``2^(len(weights) - 1)``.
+
+With ``S_l`` the ``k_l x k_l`` block *sums* of ``diff = pred - target`` and ``gamma_l = w_l / (H W 4^l)``:
+``L_b = sum_l gamma_l ||S_l||^2`` and ``dL_b / dpred = 2 sum_l gamma_l S_l[y // k_l, x // k_l]``.
+The kernels compute both in one read of ``pred`` and ``target``; backward only scales the stored
+gradient by the upstream gradient (and skips that when it is 1).
+
+Loss: ``[B]`` in float32 (float64 for float64 inputs). Stored gradient: the input dtype, except float16,
+whose gradient is kept in float32: ``2 gamma_l`` is ~1e-7 at 256^2, below float16's smallest
+subnormal, so a loss-scaled backward would otherwise read zeros.
+"""
 
 from __future__ import annotations
 
+import functools
+import math
+import numbers
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
 import torch
 import torch.nn.functional as F
+from numba import types
+from numba.extending import overload
 from torch import Tensor
+from torch.autograd.function import FunctionCtx
+
+from kdiff._util import check_float, check_int, check_same_shape
+
+from ._dispatch import backend
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs run numba or the reference
+    triton = None
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def multiscale_mse_ref(pred: Tensor, target: Tensor, *, base: int = 32) -> Tensor:
-    """``sum_s (1/s) (1/s^2) || D_s[pred - target] ||^2`` over s = d, d/2, ..., base; ``[B]``."""
-    diff = (pred - target).to(torch.float64 if pred.dtype == torch.float64 else torch.float32)
-    d = pred.shape[-1]
+# --------------------------------------------------------------------------------------------------
+# Levels, weights and checks
+# --------------------------------------------------------------------------------------------------
+
+def multiscale_levels(height: int, width: int, *, base: int = 32) -> int:
+    """Number of levels ``k = 1, 2, 4, ...`` with ``H % k == W % k == 0`` and ``min(H, W) / k >= base`` (>= 1)."""
+    levels, k = 1, 2
+    while height % k == 0 and width % k == 0 and min(height, width) // k >= base:
+        levels, k = levels + 1, 2 * k
+    return levels
+
+
+def multiscale_weights(height: int, width: int, *, base: int = 32,
+                       weights: Sequence[float] | None = None) -> list[float]:
+    """Per-level weights, finest first: ``w_l = 1 / min(H / 2^l, W / 2^l)`` unless ``weights`` is given."""
+    check_int(base, "base", low=1)
+    if base & (base - 1):
+        raise ValueError(f"base: expected a power of two, got {base}")
+    if weights is None:
+        return [2.0**l / min(height, width) for l in range(multiscale_levels(height, width, base=base))]
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise TypeError(f"weights: expected a sequence of floats or None, got {type(weights).__name__}")
+    if len(weights) == 0:
+        raise ValueError("weights: expected at least one level weight, got an empty sequence")
+    out = []
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, numbers.Real):
+            raise TypeError(f"weights: expected real numbers, got {type(w).__name__}")
+        if not math.isfinite(w):
+            raise ValueError(f"weights: expected finite floats, got {w!r}")
+        out.append(float(w))
+    k = 2 ** (len(out) - 1)
+    if height % k or width % k:
+        raise ValueError(f"weights: {len(out)} levels need H and W divisible by {k}, got spatial size "
+                         f"({height}, {width}), which does not divide")
+    return out
+
+
+def level_gammas(height: int, width: int, weights: Sequence[float]) -> list[float]:
+    """``gamma_l = w_l / (H W 4^l)``: the factor of ``||S_l||^2`` (block sums ``S_l``) in the loss."""
+    return [w / (height * width * 4.0**l) for l, w in enumerate(weights)]
+
+
+def _check_inputs(pred: Tensor, target: Tensor) -> None:
+    check_float(pred, "pred")
+    check_float(target, "target")
+    if pred.dtype not in _DTYPES:
+        raise TypeError(f"pred: expected dtype float16, bfloat16, float32 or float64, got {pred.dtype}")
+    if pred.ndim != 4:
+        raise ValueError(f"pred: expected a 4-D tensor (B, C, H, W), got shape {tuple(pred.shape)}")
+    check_same_shape(pred, target, "pred", "target")
+    if target.dtype != pred.dtype:
+        raise TypeError(f"target: expected dtype {pred.dtype} (the dtype of pred), got {target.dtype}")
+    if target.device != pred.device:
+        raise ValueError(f"target: expected device {pred.device} (the device of pred), got {target.device}")
+    if pred.numel() == 0:
+        raise ValueError(f"pred: expected every dimension >= 1, got shape {tuple(pred.shape)}")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------------
+
+def multiscale_mse_ref(pred: Tensor, target: Tensor, *, base: int = 32,
+                       weights: Sequence[float] | None = None) -> Tensor:
+    """``sum_l w_l / (h_l w_l) ||avgpool_{2^l}(pred - target)||^2`` (simple diffusion); ``(B, C, H, W) -> [B]``.
+
+    Plain torch, differentiable, float32 math for float16/bfloat16/float32 inputs and float64 for float64.
+    """
+    _check_inputs(pred, target)
+    height, width = pred.shape[-2:]
+    acc = _acc_dtype(pred.dtype)
+    diff = pred.to(acc) - target.to(acc)
     total = diff.new_zeros(pred.shape[0])
-    s = d
-    while True:
-        pooled = F.avg_pool2d(diff, d // s) if s != d else diff
-        total = total + pooled.pow(2).sum(dim=(1, 2, 3)) / (s**3)
-        if s // 2 < base or s % 2:
-            break
-        s //= 2
+    for l, w in enumerate(multiscale_weights(height, width, base=base, weights=weights)):
+        pooled = F.avg_pool2d(diff, 2**l) if l else diff
+        total = total + w / (pooled.shape[-2] * pooled.shape[-1]) * pooled.pow(2).sum(dim=(1, 2, 3))
     return total
 
 
-def multiscale_mse(pred: Tensor, target: Tensor, *, base: int = 32) -> Tensor:
-    return multiscale_mse_ref(pred, target, base=base)
+def _multiscale_mse_torch(pred: Tensor, target: Tensor, gammas: Sequence[float],
+                          write_grad: bool) -> tuple[Tensor, Tensor]:
+    """Loss and ``2 sum_l gamma_l S_l[y // 2^l, x // 2^l]`` with torch ops (the fallback backend)."""
+    acc = _acc_dtype(pred.dtype)
+    diff = pred.to(acc) - target.to(acc)
+    loss = diff.new_zeros(pred.shape[0])
+    grad = torch.zeros_like(diff) if write_grad else diff.new_empty(0)
+    for l, gamma in enumerate(gammas):
+        k = 2**l
+        sums = F.avg_pool2d(diff, k, divisor_override=1) if l else diff
+        loss = loss + gamma * sums.pow(2).sum(dim=(1, 2, 3))
+        if write_grad:
+            grad = grad + 2 * gamma * sums.repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1)
+    return loss, grad.to(_grad_dtype(pred.dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton
+# --------------------------------------------------------------------------------------------------
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_MAX_TILE = 16384  # elements per program; coarsest cells larger than that run the torch fallback
+
+if triton is not None:
+    @triton.jit
+    def _block_sums(x, BH: tl.constexpr, BW: tl.constexpr, K: tl.constexpr):
+        """``S[i, j] = sum_{a, b < K} x[K i + a, K j + b]``; ``x: (BH, BW) -> (BH / K, BW / K)``."""
+        return tl.sum(tl.sum(tl.reshape(x, [BH // K, K, BW // K, K]), axis=3), axis=1)
+
+    @triton.jit
+    def _upsample(s, BH: tl.constexpr, BW: tl.constexpr, K: tl.constexpr):
+        """``out[y, x] = s[y // K, x // K]``; ``s: (BH / K, BW / K) -> (BH, BW)``."""
+        cells = tl.broadcast_to(tl.reshape(s, [BH // K, 1, BW // K, 1]), [BH // K, K, BW // K, K])
+        return tl.reshape(cells, [BH, BW])
+
+    @triton.autotune(
+        configs=[triton.Config({}, num_warps=4)] if _INTERPRET
+        else [triton.Config({}, num_warps=w) for w in (2, 4, 8, 16)],
+        key=["H", "W", "LEVELS", "BH", "BW", "WRITE_GRAD"],
+    )
+    @triton.jit
+    def _multiscale_mse_kernel(
+        pred_ptr,      # *T  (B, C, H, W) with strides (s_pb, s_pc, s_ph, s_pw); T = fp16 | bf16 | fp32 | fp64
+        target_ptr,    # *T  (B, C, H, W) with strides (s_tb, s_tc, s_th, s_tw)
+        grad_ptr,      # *G  (B, C, H, W) contiguous: dL_b / dpred, written iff WRITE_GRAD
+        partial_ptr,   # *ACC (B * C * n_tiles,): this program's share of L_b, slot = its linear program id
+        gamma_ptr,     # *ACC (LEVELS,): gamma_l = w_l / (H W 4^l)
+        C, H, W,       # channels, height, width
+        s_pb, s_pc, s_ph, s_pw,
+        s_tb, s_tc, s_th, s_tw,
+        LEVELS: tl.constexpr,      # number of levels; the coarsest cell is K x K, K = 2^(LEVELS - 1)
+        BH: tl.constexpr,          # tile rows, a power-of-two multiple of K
+        BW: tl.constexpr,          # tile columns, a power-of-two multiple of K
+        WRITE_GRAD: tl.constexpr,  # store dL / dpred
+        ACC: tl.constexpr,         # tl.float32, or tl.float64 for float64 inputs
+    ):
+        pid_bc, pid_h, pid_w = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        b = (pid_bc // C).to(tl.int64)
+        c = (pid_bc % C).to(tl.int64)
+        rows = pid_h * BH + tl.arange(0, BH)
+        cols = pid_w * BW + tl.arange(0, BW)
+        # H and W divide by K and tiles start on multiples of K, so masked lanes are whole cells of zeros.
+        mask = (rows[:, None] < H) & (cols[None, :] < W)
+        p_offs = b * s_pb + c * s_pc + rows[:, None].to(tl.int64) * s_ph + cols[None, :] * s_pw
+        t_offs = b * s_tb + c * s_tc + rows[:, None].to(tl.int64) * s_th + cols[None, :] * s_tw
+        diff = (tl.load(pred_ptr + p_offs, mask=mask, other=0.0).to(ACC)
+                - tl.load(target_ptr + t_offs, mask=mask, other=0.0).to(ACC))
+
+        gamma = tl.load(gamma_ptr)
+        loss = gamma * tl.sum(tl.sum(diff * diff, axis=1), axis=0)
+        grad = (2.0 * gamma) * diff
+        for l in tl.static_range(1, LEVELS):
+            sums = _block_sums(diff, BH, BW, 1 << l)
+            gamma = tl.load(gamma_ptr + l)
+            loss += gamma * tl.sum(tl.sum(sums * sums, axis=1), axis=0)
+            if WRITE_GRAD:
+                grad += (2.0 * gamma) * _upsample(sums, BH, BW, 1 << l)
+
+        n_h, n_w = tl.num_programs(1), tl.num_programs(2)
+        tl.store(partial_ptr + (pid_bc * n_h + pid_h) * n_w + pid_w, loss)
+        if WRITE_GRAD:
+            g_offs = ((b * C + c) * H + rows[:, None].to(tl.int64)) * W + cols[None, :]
+            tl.store(grad_ptr + g_offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def _tile(height: int, width: int, levels: int) -> tuple[int, int]:
+    """Power-of-two tile ``(BH, BW)`` of whole ``K x K`` coarsest cells, ~4096 elements."""
+    k = 2 ** (levels - 1)
+    bw = max(k, min(triton.next_power_of_2(width), 256))
+    bh = max(k, min(triton.next_power_of_2(height), 4096 // bw))
+    return bh, bw
+
+
+@functools.lru_cache(maxsize=64)
+def _gamma_tensor(gammas: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The per-level factors on ``device``, copied once per configuration (no host sync per call)."""
+    return torch.tensor(gammas, dtype=dtype, device=device)
+
+
+def _multiscale_mse_triton(pred: Tensor, target: Tensor, gammas: Sequence[float],
+                           write_grad: bool) -> tuple[Tensor, Tensor]:
+    if triton is None:
+        raise RuntimeError("multiscale_mse: the triton backend was selected but triton is not installed")
+    if not pred.is_cuda and not _INTERPRET:
+        raise ValueError(f"pred: the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got device "
+                         f"{pred.device}")
+    n_b, n_c, height, width = pred.shape
+    levels = len(gammas)
+    bh, bw = _tile(height, width, levels)
+    if bh * bw > _MAX_TILE:
+        return _multiscale_mse_torch(pred, target, gammas, write_grad)
+    acc = _acc_dtype(pred.dtype)
+    grid = (n_b * n_c, triton.cdiv(height, bh), triton.cdiv(width, bw))
+    partial = torch.empty(grid[0] * grid[1] * grid[2], dtype=acc, device=pred.device)
+    grad = torch.empty(pred.shape if write_grad else (0,), dtype=_grad_dtype(pred.dtype), device=pred.device)
+    _multiscale_mse_kernel[grid](
+        pred, target, grad, partial, _gamma_tensor(tuple(gammas), acc, pred.device),
+        n_c, height, width, *pred.stride(), *target.stride(),
+        LEVELS=levels, BH=bh, BW=bw, WRITE_GRAD=write_grad,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32,
+    )
+    return partial.view(n_b, -1).sum(dim=1), grad
+
+
+# --------------------------------------------------------------------------------------------------
+# numba (CPU)
+# --------------------------------------------------------------------------------------------------
+# numba has no float16 or bfloat16: bfloat16 arrays arrive as their uint16 bits, float16 as int16 bits.
+
+def _diff_row(p: np.ndarray, t: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:
+    """``out[j] = float(p[j]) - float(t[j])`` for one image row (``scratch``: a row of working space)."""
+    raise NotImplementedError
+
+
+def _store_row(g: np.ndarray, out: np.ndarray) -> None:
+    """``out[j] = g[j]`` rounded to the storage format of ``out``."""
+    raise NotImplementedError
+
+
+@numba.njit(cache=True)
+def _half_to_float(h: int) -> float:
+    u = np.int32(h) & 0xFFFF
+    e, m = (u >> 10) & 0x1F, u & 0x3FF
+    if e == 31:
+        v = np.inf if m == 0 else np.nan
+    else:
+        v = math.ldexp(m + (1024 if e else 0), max(e, 1) - 25)
+    return -v if u & 0x8000 else v
+
+
+# numba wants an overload's parameters spelled exactly like its implementations': hence no annotations
+# (p, t, out, scratch, g: numba array types here; numpy arrays in the implementations).
+@overload(_diff_row)
+def _diff_row_impl(p, t, out, scratch) -> Callable | None:
+    if isinstance(p.dtype, types.Float):
+        def impl(p, t, out, scratch):
+            for j in range(p.shape[0]):
+                out[j] = p[j] - t[j]
+        return impl
+    if p.dtype == types.uint16:  # bfloat16: the high half of a float32
+        def impl(p, t, out, scratch):
+            out_bits, scratch_bits = out.view(np.uint32), scratch.view(np.uint32)
+            for j in range(p.shape[0]):
+                out_bits[j] = np.uint32(p[j]) << np.uint32(16)
+                scratch_bits[j] = np.uint32(t[j]) << np.uint32(16)
+            for j in range(p.shape[0]):
+                out[j] -= scratch[j]
+        return impl
+    if p.dtype == types.int16:  # float16 bits
+        def impl(p, t, out, scratch):
+            for j in range(p.shape[0]):
+                out[j] = _half_to_float(p[j]) - _half_to_float(t[j])
+        return impl
+    return None
+
+
+@overload(_store_row)
+def _store_row_impl(g, out) -> Callable | None:
+    if isinstance(out.dtype, types.Float):
+        def impl(g, out):
+            for j in range(out.shape[0]):
+                out[j] = g[j]
+        return impl
+    if out.dtype == types.uint16:  # bfloat16, round to nearest even
+        def impl(g, out):
+            bits = g.view(np.uint32)
+            for j in range(out.shape[0]):
+                u = np.int64(bits[j])
+                if u & 0x7FFFFFFF > 0x7F800000:
+                    out[j] = np.uint16((u >> 16) | 0x40)
+                else:
+                    out[j] = np.uint16((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
+        return impl
+    return None
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz"})
+def _multiscale_mse_numba(pred: np.ndarray, target: np.ndarray, gamma: np.ndarray, grad: np.ndarray,
+                          write_grad: bool, partial: np.ndarray, start: int, stop: int) -> None:
+    """Stripes ``start..stop`` of K rows (stripe u: plane u // (H / K), rows from K (u % (H / K))) in one pass.
+
+    Per stripe: the block-sum pyramid S_l, ``partial[u] = sum_l gamma_l ||S_l||^2`` (float64), and, iff
+    ``write_grad``, ``grad = 2 sum_l gamma_l S_l[y // 2^l, x // 2^l]``. pred, target, grad: (B, C, H, W)
+    C-contiguous; gamma: (L,) in the working dtype (float32, or float64 for float64 inputs).
+    """
+    n_c, height, width = pred.shape[1:]
+    levels = gamma.shape[0]
+    twice = gamma + gamma
+    k = 1 << (levels - 1)
+    stripes = height // k
+    size = 0
+    for l in range(levels):
+        size += (k >> l) * (width >> l)
+    pyramid = np.empty(size, gamma.dtype)  # level l: (k >> l, width >> l) block sums, finest first
+    scratch = np.empty(width, gamma.dtype)
+    for u in range(start, stop):
+        b, c, r0 = u // stripes // n_c, u // stripes % n_c, u % stripes * k
+        for i in range(k):
+            _diff_row(pred[b, c, r0 + i], target[b, c, r0 + i], pyramid[i * width:(i + 1) * width], scratch)
+        total, off, rows, cols = 0.0, 0, k, width
+        for l in range(levels):
+            if l:
+                fine, off = off, off + rows * cols
+                rows, cols = rows // 2, cols // 2
+                for i in range(rows):
+                    for j in range(cols):
+                        f = fine + 4 * i * cols + 2 * j
+                        pyramid[off + i * cols + j] = (pyramid[f] + pyramid[f + 1] + pyramid[f + 2 * cols]
+                                                       + pyramid[f + 2 * cols + 1])
+            sq = 0.0
+            for q in range(off, off + rows * cols):
+                sq += pyramid[q] * pyramid[q]
+            total += gamma[l] * sq
+        partial[u] = total
+        if not write_grad:
+            continue
+        # top-down, in place over the pyramid: G_l = 2 gamma_l S_l + G_{l+1}[i // 2, j // 2]
+        for q in range(off, off + rows * cols):
+            pyramid[q] *= twice[levels - 1]
+        for l in range(levels - 2, -1, -1):
+            coarse, coarse_cols = off, cols
+            rows, cols = rows * 2, cols * 2
+            off -= rows * cols
+            for i in range(rows):
+                for j in range(cols):
+                    q = off + i * cols + j
+                    pyramid[q] = twice[l] * pyramid[q] + pyramid[coarse + (i // 2) * coarse_cols + j // 2]
+        for i in range(k):
+            _store_row(pyramid[i * width:(i + 1) * width], grad[b, c, r0 + i])
+
+
+@functools.lru_cache(maxsize=1)
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kdiff-numba")
+
+
+def _numpy_bits(x: Tensor) -> np.ndarray:
+    """A numpy view numba can type: float32/64 as is, bfloat16 as uint16 bits, float16 as int16 bits."""
+    if x.dtype == torch.bfloat16:
+        return x.view(torch.uint16).numpy()
+    if x.dtype == torch.float16:
+        return x.view(torch.int16).numpy()
+    return x.numpy()
+
+
+def _multiscale_mse_cpu(pred: Tensor, target: Tensor, gammas: Sequence[float],
+                        write_grad: bool) -> tuple[Tensor, Tensor]:
+    """The numba kernel over ``torch.get_num_threads()`` threads (it releases the GIL); fixed-order sums."""
+    if pred.device.type != "cpu":
+        raise ValueError(f"pred: the numba backend needs CPU tensors, got device {pred.device}")
+    n_b, n_c, height, _ = pred.shape
+    acc = _acc_dtype(pred.dtype)
+    pred, target = pred.detach().contiguous(), target.detach().contiguous()
+    grad = torch.empty(pred.shape if write_grad else (1, 1, 1, 1), dtype=_grad_dtype(pred.dtype))
+    n_stripes = n_b * n_c * (height // 2 ** (len(gammas) - 1))
+    partial = torch.empty(n_stripes, dtype=torch.float64)
+    gamma = np.asarray(gammas, dtype=np.float64 if acc == torch.float64 else np.float32)
+    args = (_numpy_bits(pred), _numpy_bits(target), gamma, _numpy_bits(grad), write_grad, partial.numpy())
+    workers = max(1, min(torch.get_num_threads(), n_stripes))
+    bounds = [n_stripes * i // workers for i in range(workers + 1)]
+    if workers == 1:
+        _multiscale_mse_numba(*args, 0, n_stripes)
+    else:
+        pool = _thread_pool(workers)
+        for job in [pool.submit(_multiscale_mse_numba, *args, lo, hi) for lo, hi in zip(bounds, bounds[1:])]:
+            job.result()
+    return partial.view(n_b, -1).sum(dim=1).to(acc), grad if write_grad else grad.new_empty(0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom op with autograd
+# --------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("kdiff::multiscale_mse", mutates_args=())
+def _multiscale_mse_op(pred: Tensor, target: Tensor, gammas: list[float], write_grad: bool) -> tuple[Tensor, Tensor]:
+    """``(L [B], dL/dpred (B, C, H, W) or empty)`` on the backend the dispatch rule picks."""
+    choice = backend(pred, has_numba=True)
+    if choice == "triton":
+        return _multiscale_mse_triton(pred, target, gammas, write_grad)
+    if choice == "numba":
+        return _multiscale_mse_cpu(pred, target, gammas, write_grad)
+    return _multiscale_mse_torch(pred, target, gammas, write_grad)
+
+
+@_multiscale_mse_op.register_fake
+def _(pred: Tensor, target: Tensor, gammas: list[float], write_grad: bool) -> tuple[Tensor, Tensor]:
+    loss = pred.new_empty(pred.shape[0], dtype=_acc_dtype(pred.dtype))
+    grad = pred.new_empty(pred.shape if write_grad else (0,), dtype=_grad_dtype(pred.dtype))
+    return loss, grad
+
+
+def _setup_context(ctx: FunctionCtx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+    pred = inputs[0]
+    ctx.pred_dtype = pred.dtype
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zeros for the gradient output's (absent) upstream gradient
+
+
+def _is_one(grad_loss: Tensor) -> bool:
+    """True when every upstream gradient is 1 (a ``.sum()``); never assumed while compiling."""
+    return not torch.compiler.is_compiling() and bool((grad_loss == 1).all())
+
+
+def _backward(ctx: FunctionCtx, grad_loss: Tensor | None,
+              _grad_grad: Tensor | None) -> tuple[Tensor | None, Tensor | None, None, None]:
+    (grad,) = ctx.saved_tensors
+    if grad_loss is None:
+        return None, None, None, None
+    if grad.numel() == 0:
+        raise RuntimeError("multiscale_mse: backward through a call made without gradients enabled")
+    if not _is_one(grad_loss):
+        grad = grad * grad_loss.reshape(-1, 1, 1, 1)
+    grad = grad.to(ctx.pred_dtype)
+    need_pred, need_target = ctx.needs_input_grad[:2]
+    return grad if need_pred else None, -grad if need_target else None, None, None
+
+
+_multiscale_mse_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public function
+# --------------------------------------------------------------------------------------------------
+
+def multiscale_mse(pred: Tensor, target: Tensor, *, base: int = 32,
+                   weights: Sequence[float] | None = None) -> Tensor:
+    """``sum_l w_l / (h_l w_l) ||avgpool_{2^l}(pred - target)||^2`` (simple diffusion), fused; ``[B]``.
+
+    Args:
+        pred, target: ``(B, C, H, W)``, same dtype (float16, bfloat16, float32, float64), any strides.
+        base: the coarsest resolution kept (a power of two); levels are listed in the module docstring.
+        weights: optional per-level weights, finest first; replaces ``w_l = 1 / s_l`` and ``base``.
+
+    Returns:
+        ``[B]`` float32 (float64 for float64 inputs). Differentiable in ``pred`` and ``target``.
+
+    References:
+        Hoogeboom, Heek & Salimans, "simple diffusion: End-to-end diffusion for high resolution
+        images", ICML 2023, section "Multiscale training loss".
+    """
+    _check_inputs(pred, target)
+    height, width = pred.shape[-2:]
+    gammas = level_gammas(height, width, multiscale_weights(height, width, base=base, weights=weights))
+    write_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
+    loss, _ = _multiscale_mse_op(pred, target, gammas, write_grad)
+    return loss

@@ -1,0 +1,150 @@
+"""Markdown benchmark tables on whatever device this runs on.
+
+    python -m benchmarks.report [--op multiscale|attention|all] [--quick] [--device cuda|cpu]
+
+Each op has a module ``benchmarks/report_<op>.py`` with ``TITLE: str`` and
+``rows(device, quick) -> (columns, rows)``. The header names the device, the date, the torch /
+triton / numba versions and the measured device copy bandwidth (the roofline of a memory-bound
+kernel): ``dst.copy_(src)`` of a large tensor, counted as bytes read + bytes written.
+
+Timing: ``triton.testing.do_bench`` (median) on CUDA; the median of repeated host-clock runs on CPU.
+The measuring functions here are shared by the per-op modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import importlib
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+OPS = ("multiscale", "attention")
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, repeats: int = 10) -> float:
+    """Median milliseconds of ``fn()``: ``do_bench`` on CUDA, ``repeats`` host-clock runs on CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()  # warm-up: JIT compilation, allocator
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+@functools.cache
+def copy_bandwidth(device: torch.device) -> float:
+    """Measured device copy bandwidth in GB/s: ``dst.copy_(src)``, bytes read + bytes written."""
+    n = 2**28 if device.type == "cuda" else 2**24  # 1 GiB or 64 MiB of float32
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, repeats=20)
+    return 2 * n * 4 / (ms * 1e6)
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Peak bytes allocated by one call of ``fn`` above what was live before it.
+
+    CUDA: the caching allocator's peak. CPU: torch allocations as recorded by the profiler (memory
+    outside torch's allocator, e.g. numba scratch rows, is not seen); None if that is unavailable.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler._memory_profiler import Action, MemoryProfile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            fn()
+        live = peak = 0
+        for _, action, (key, _version), size in MemoryProfile(prof.profiler.kineto_results).timeline:
+            if key.device.type != "cpu":
+                continue
+            if action == Action.CREATE:
+                live += size
+            elif action == Action.DESTROY:
+                live -= size
+            peak = max(peak, live)
+        return peak
+    except Exception:  # a private profiler API: report nothing rather than a wrong number
+        return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def versions() -> str:
+    out = [f"torch {torch.__version__}"]
+    for name in ("triton", "numba"):
+        try:
+            out.append(f"{name} {importlib.import_module(name).__version__}")
+        except ImportError:
+            out.append(f"{name} not installed")
+    return ", ".join(out)
+
+
+def header(device: torch.device) -> str:
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"Device: {device_name(device)} | {date} | {versions()} | "
+            f"measured copy bandwidth: {copy_bandwidth(device):.1f} GB/s")
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(op: str, device: torch.device, *, quick: bool) -> str:
+    """The markdown section of one op, or a note when its report module does not exist."""
+    module_name = f"benchmarks.report_{op}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        return f"### {op}\n\n_skipped: benchmarks/report_{op}.py does not exist yet._"
+    columns, rows = module.rows(device, quick)
+    return f"### {module.TITLE}\n\n{markdown_table(columns, rows)}"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--op", choices=(*OPS, "all"), default="all")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run, not for BENCHMARKS.md)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    print(header(device))
+    for op in OPS if args.op == "all" else (args.op,):
+        print()
+        print(report(op, device, quick=args.quick), flush=True)
+
+
+if __name__ == "__main__":
+    main()

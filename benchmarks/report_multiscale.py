@@ -1,0 +1,102 @@
+"""Fused multiscale loss, forward + backward: providers, shapes and the table for ``benchmarks.report``.
+
+Providers: ``triton`` (CUDA) / ``numba`` (CPU) through ``kdiff.kernels.multiscale_mse``; ``torch``, the
+eager reference ``multiscale_mse_ref``; ``compile``, ``torch.compile`` of that reference. One step is
+``pred.grad = None; loss(pred, target).sum().backward()``. Bytes: ``pred`` and ``target`` read once,
+``d loss / d pred`` written once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+from kdiff.kernels import multiscale_mse, multiscale_mse_ref
+
+from .report import copy_bandwidth, peak_memory_bytes, time_ms
+
+TITLE = "Multiscale loss (simple diffusion), forward + backward, base 32"
+SHAPES = [(64, 3, 64), (32, 3, 256), (8, 3, 512)]  # (B, C, d)
+DTYPES = [torch.bfloat16, torch.float32]
+BASE = 32
+
+
+def providers(device: torch.device) -> list[str]:
+    return ["triton" if device.type == "cuda" else "numba", "torch", "compile"]
+
+
+@contextlib.contextmanager
+def forced_backend(name: str) -> Iterator[None]:
+    """``KDIFF_KERNELS=name`` for the duration (restored afterwards)."""
+    old = os.environ.get("KDIFF_KERNELS")
+    os.environ["KDIFF_KERNELS"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["KDIFF_KERNELS"]
+        else:
+            os.environ["KDIFF_KERNELS"] = old
+
+
+def _ref(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return multiscale_mse_ref(pred, target, base=BASE)
+
+
+def _fused(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return multiscale_mse(pred, target, base=BASE)
+
+
+def inputs(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    b, c, d = shape
+    gen = torch.Generator(device=device).manual_seed(0)
+    pred = torch.randn(b, c, d, d, generator=gen, device=device).to(dtype).requires_grad_()
+    target = torch.randn(b, c, d, d, generator=gen, device=device).to(dtype)
+    return pred, target
+
+
+def make_step(provider: str, pred: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
+    """One forward + backward with ``provider``; compilation happens here, not in the timed step."""
+    loss_fn = {"triton": _fused, "numba": _fused, "torch": _ref, "compile": None}[provider]
+    if provider == "compile":
+        loss_fn = torch.compile(_ref)
+
+    def step() -> None:
+        pred.grad = None
+        loss_fn(pred, target).sum().backward()
+
+    step()
+    return step
+
+
+def bytes_moved(pred: torch.Tensor) -> int:
+    """``pred`` and ``target`` read once, the gradient (pred's dtype) written once."""
+    return 3 * pred.numel() * pred.element_size()
+
+
+def measure(provider: str, pred: torch.Tensor, target: torch.Tensor, *, repeats: int) -> tuple[float, int | None]:
+    """``(median ms, peak bytes)`` of one forward + backward with ``provider`` (peak: from no gradient held)."""
+    with forced_backend(provider if provider in ("triton", "numba") else "auto"):
+        step = make_step(provider, pred, target)
+        ms = time_ms(step, pred.device, repeats=repeats)
+        pred.grad = None
+        return ms, peak_memory_bytes(step, pred.device)
+
+
+def rows(device: torch.device, quick: bool) -> tuple[list[str], list[list[str]]]:
+    columns = ["(B, C, d)", "dtype", "provider", "ms", "GB/s", "% of copy BW", "speed-up vs torch", "peak MiB"]
+    roofline = copy_bandwidth(device)
+    out = []
+    for shape in SHAPES:
+        for dtype in DTYPES:
+            pred, target = inputs(shape, dtype, device)
+            measured = {p: measure(p, pred, target, repeats=3 if quick else 10) for p in providers(device)}
+            torch._dynamo.reset()
+            for provider, (ms, peak) in measured.items():
+                gbs = bytes_moved(pred) / (ms * 1e6)
+                out.append([str(shape), str(dtype).removeprefix("torch."), provider, f"{ms:.2f}", f"{gbs:.2f}",
+                            f"{100 * gbs / roofline:.0f}%", f"{measured['torch'][0] / ms:.2f}x",
+                            "n/a" if peak is None else f"{peak / 2**20:.0f}"])
+    return columns, out
