@@ -85,7 +85,8 @@ PRESETS: dict[str, EDMConfig] = {
     "digits": EDMConfig(out_dir="runs/edm-digits", steps=1500, batch_size=128, lr=2e-3, warmup_steps=100,
                         ema_halflife_kimg=20.0, log_every=50, checkpoint_every=500, net="unet_digits",
                         net_channels=32, dropout=0.0, eval_samples=1000),
-    # One H100, about ten minutes: Fashion-MNIST padded to 32x32; pack the data first (README).
+    # Fashion-MNIST padded to 32x32 for one GPU (meant for ~10 min on an H100; not yet timed on one).
+    # Pack the data first (README).
     "fashion": EDMConfig(out_dir="runs/edm-fashion", data="data/fashion-train.h5", eval_data="data/fashion-test.h5",
                          image_size=32, net="unet_fashion", steps=30000, batch_size=256, lr=1e-3, warmup_steps=1000,
                          ema_halflife_kimg=500.0, log_every=200, sample_every=5000, checkpoint_every=5000,

@@ -73,7 +73,8 @@ def test_train_resume_sample_evaluate(tmp_path, capsys):
     final = load_checkpoint(run / "ckpt-00000004.pt")
     more = dataclasses.replace(config, out_dir=str(tmp_path / "run2"), eval_samples=0)
     edm.run(dataclasses.replace(more, steps=2))
-    edm.run(more, resume=tmp_path / "run2" / "ckpt-00000002.pt")
+    with pytest.warns(UserWarning, match="steps"):  # the resumed run is told it now runs 4 steps, not 2
+        edm.run(more, resume=tmp_path / "run2" / "ckpt-00000002.pt")
     resumed = load_checkpoint(tmp_path / "run2" / "ckpt-00000004.pt")
     for k, v in final["model"].items():
         assert torch.equal(v, resumed["model"][k]), k
