@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import special
+from strategies import floats_for
 
 from kdiff import process as P
 from kdiff import schedules as S
@@ -22,16 +23,6 @@ TINY = {torch.float32: float(np.finfo(np.float32).smallest_subnormal),
         torch.float64: float(np.finfo(np.float64).smallest_subnormal)}
 LOGSNR_BOUND = {torch.float32: 15.0, torch.float64: 30.0}
 SHAPES = st.sampled_from([(), (3,), (2, 3), (3, 4, 5)])  # trailing dims after the batch
-
-
-def floats_for(dtype: torch.dtype, lo: float, hi: float) -> st.SearchStrategy[float]:
-    """Floats in [lo, hi] exactly representable in ``dtype`` (float32 bounds rounded inwards)."""
-    if dtype != torch.float32:
-        return st.floats(lo, hi)
-    lo32, hi32 = np.float32(lo), np.float32(hi)
-    lo32 = lo32 if lo32 >= lo else np.nextafter(lo32, np.float32(np.inf))
-    hi32 = hi32 if hi32 <= hi else np.nextafter(hi32, np.float32(-np.inf))
-    return st.floats(float(lo32), float(hi32), width=32)
 
 
 @st.composite

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import special, stats
+from strategies import floats_for
 
 from kdiff import schedules as S
 
@@ -21,16 +22,6 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12
 LOGSNR_BOUND = {torch.float32: 15.0, torch.float64: 40.0}
 # Differences of logs: absolute error a few ulp of the summands (|log| <= ~20).
 LOG_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
-
-
-def floats_for(dtype: torch.dtype, lo: float, hi: float) -> st.SearchStrategy[float]:
-    """Floats in [lo, hi] exactly representable in ``dtype`` (float32 bounds rounded inwards)."""
-    if dtype != torch.float32:
-        return st.floats(lo, hi)
-    lo32, hi32 = np.float32(lo), np.float32(hi)
-    lo32 = lo32 if lo32 >= lo else np.nextafter(lo32, np.float32(np.inf))
-    hi32 = hi32 if hi32 <= hi else np.nextafter(hi32, np.float32(-np.inf))
-    return st.floats(float(lo32), float(hi32), width=32)
 
 
 def vectors(dtype: torch.dtype, lo: float, hi: float, *, max_size: int = 8) -> st.SearchStrategy[torch.Tensor]:
