@@ -33,7 +33,7 @@ from kdiff.denoisers import edm_denoiser
 from kdiff.guidance import cfg_batched
 
 from .common import TrainConfig, parse_cli, seed_globals
-from .train_loop import Dist, Rand, close_distributed, init_distributed, train, write_grid
+from .train_loop import Dist, NonFiniteLossError, Rand, close_distributed, init_distributed, train, write_grid
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -320,6 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     dist = init_distributed(cli.config.device)
     try:
         run(cli.config, resume=cli.resume, dist=dist)
+    except (FileNotFoundError, NonFiniteLossError) as e:  # a missing data file, a diverged run: no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         close_distributed(dist)
     return 0

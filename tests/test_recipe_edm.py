@@ -98,6 +98,8 @@ def test_bad_input(tmp_path, capsys):
         tiny(tmp_path, label_dropout=1.5)
     with pytest.raises(FileNotFoundError, match="pack"):
         edm.run(tiny(tmp_path, data="missing.h5"))
+    assert edm.main(["--data", "missing.h5", "--steps", "1", "--no-progress"]) == 2
+    assert "kdiff.data pack" in capsys.readouterr().err
     assert sample_cli.main([str(tmp_path / "nowhere")]) == 2
     assert "checkpoint" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--seeds"):
