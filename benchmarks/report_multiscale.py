@@ -92,7 +92,7 @@ def rows(device: torch.device, quick: bool) -> tuple[list[str], list[list[str]]]
     for shape in SHAPES:
         for dtype in DTYPES:
             pred, target = inputs(shape, dtype, device)
-            measured = {p: measure(p, pred, target, repeats=3 if quick else 10) for p in providers(device)}
+            measured = {p: measure(p, pred, target, repeats=3 if quick else 50) for p in providers(device)}
             torch._dynamo.reset()
             for provider, (ms, peak) in measured.items():
                 gbs = bytes_moved(pred) / (ms * 1e6)

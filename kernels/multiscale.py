@@ -270,13 +270,17 @@ def _multiscale_mse_triton(pred: Tensor, target: Tensor, gammas: Sequence[float]
 # --------------------------------------------------------------------------------------------------
 # numba has no float16 or bfloat16: bfloat16 arrays arrive as their uint16 bits, float16 as int16 bits.
 
-def _diff_row(p: np.ndarray, t: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:
-    """``out[j] = float(p[j]) - float(t[j])`` for one image row (``scratch``: a row of working space)."""
+def _diff_row(p: np.ndarray, t: np.ndarray, src: int, out: np.ndarray, dst: int, n: int,
+              scratch: np.ndarray, scratch_bits: np.ndarray) -> None:
+    """``out[dst + j] = float(p[src + j]) - float(t[src + j])`` for ``j < n`` (flat arrays).
+
+    ``scratch``: at least ``2 n`` working-dtype elements; ``scratch_bits``: its uint32 view.
+    """
     raise NotImplementedError
 
 
-def _store_row(g: np.ndarray, out: np.ndarray) -> None:
-    """``out[j] = g[j]`` rounded to the storage format of ``out``."""
+def _store_row(g: np.ndarray, g_bits: np.ndarray, src: int, out: np.ndarray, dst: int, n: int) -> None:
+    """``out[dst + j] = g[src + j]`` rounded to the storage format of ``out`` (``g_bits``: g's uint32 view)."""
     raise NotImplementedError
 
 
@@ -292,104 +296,147 @@ def _half_to_float(h: int) -> float:
 
 
 # numba wants an overload's parameters spelled exactly like its implementations': hence no annotations
-# (p, t, out, scratch, g: numba array types here; numpy arrays in the implementations).
-@overload(_diff_row)
-def _diff_row_impl(p, t, out, scratch) -> Callable | None:
+# (numba types here; numpy arrays and integers in the implementations). Offsets into flat arrays rather
+# than row slices: a slice is a new array whose reference count the loop would update on every row.
+@overload(_diff_row, inline="always")
+def _diff_row_impl(p, t, src, out, dst, n, scratch, scratch_bits) -> Callable | None:
     if isinstance(p.dtype, types.Float):
-        def impl(p, t, out, scratch):
-            for j in range(p.shape[0]):
-                out[j] = p[j] - t[j]
+        def impl(p, t, src, out, dst, n, scratch, scratch_bits):
+            s, d = np.uint64(src), np.uint64(dst)
+            for j in range(np.uint64(n)):
+                out[d + j] = p[s + j] - t[s + j]
         return impl
     if p.dtype == types.uint16:  # bfloat16: the high half of a float32
-        def impl(p, t, out, scratch):
-            out_bits, scratch_bits = out.view(np.uint32), scratch.view(np.uint32)
-            for j in range(p.shape[0]):
-                out_bits[j] = np.uint32(p[j]) << np.uint32(16)
-                scratch_bits[j] = np.uint32(t[j]) << np.uint32(16)
-            for j in range(p.shape[0]):
-                out[j] -= scratch[j]
+        def impl(p, t, src, out, dst, n, scratch, scratch_bits):
+            s, d, m = np.uint64(src), np.uint64(dst), np.uint64(n)
+            for j in range(m):
+                scratch_bits[j] = np.uint32(p[s + j]) << np.uint32(16)
+                scratch_bits[m + j] = np.uint32(t[s + j]) << np.uint32(16)
+            for j in range(m):
+                out[d + j] = scratch[j] - scratch[m + j]
         return impl
     if p.dtype == types.int16:  # float16 bits
-        def impl(p, t, out, scratch):
-            for j in range(p.shape[0]):
-                out[j] = _half_to_float(p[j]) - _half_to_float(t[j])
+        def impl(p, t, src, out, dst, n, scratch, scratch_bits):
+            s, d = np.uint64(src), np.uint64(dst)
+            for j in range(np.uint64(n)):
+                out[d + j] = _half_to_float(p[s + j]) - _half_to_float(t[s + j])
         return impl
     return None
 
 
-@overload(_store_row)
-def _store_row_impl(g, out) -> Callable | None:
+@overload(_store_row, inline="always")
+def _store_row_impl(g, g_bits, src, out, dst, n) -> Callable | None:
     if isinstance(out.dtype, types.Float):
-        def impl(g, out):
-            for j in range(out.shape[0]):
-                out[j] = g[j]
+        def impl(g, g_bits, src, out, dst, n):
+            s, d = np.uint64(src), np.uint64(dst)
+            for j in range(np.uint64(n)):
+                out[d + j] = g[s + j]
         return impl
-    if out.dtype == types.uint16:  # bfloat16, round to nearest even
-        def impl(g, out):
-            bits = g.view(np.uint32)
-            for j in range(out.shape[0]):
-                u = np.int64(bits[j])
-                if u & 0x7FFFFFFF > 0x7F800000:
-                    out[j] = np.uint16((u >> 16) | 0x40)
-                else:
-                    out[j] = np.uint16((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
+    if out.dtype == types.uint16:  # bfloat16, round to nearest even; NaN stays a (quiet) NaN
+        def impl(g, g_bits, src, out, dst, n):
+            s, d = np.uint64(src), np.uint64(dst)
+            for j in range(np.uint64(n)):
+                u = g_bits[s + j]
+                rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+                quiet = (u >> np.uint32(16)) | np.uint32(0x40)
+                is_nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+                out[d + j] = np.uint16(quiet if is_nan else rounded)
         return impl
     return None
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz"})
+# The helpers index with unsigned offsets: numba then skips its negative-index wraparound, which would
+# otherwise keep the loops from vectorizing.
+_FASTMATH = {"reassoc", "contract", "nsz"}
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
+def _sum_squares(x: np.ndarray, lo: int, hi: int) -> float:
+    """``sum(x[lo:hi] ** 2)`` accumulated in float64."""
+    sq = 0.0
+    for q in range(np.uint64(lo), np.uint64(hi)):
+        v = np.float64(x[q])
+        sq += v * v
+    return sq
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
+def _pool_row(x: np.ndarray, src: int, n: int, pair: np.ndarray, dst: int) -> None:
+    """``x[dst + j] = sum of the 2 x 2 block at column 2j`` of the rows ``x[src:src + n]``, ``x[src + n:src + 2n]``.
+
+    Rows first (contiguous), then adjacent columns of the pair sums.
+    """
+    s, d, m, two = np.uint64(src), np.uint64(dst), np.uint64(n), np.uint64(2)
+    for j in range(m):
+        pair[j] = x[s + j] + x[s + m + j]
+    for j in range(m // two):
+        x[d + j] = pair[two * j] + pair[two * j + np.uint64(1)]
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, inline="always")
+def _add_upsampled(x: np.ndarray, a: float, src: int, n: int, up: np.ndarray, dst: int) -> None:
+    """Rows ``x[dst:dst + 2n]`` and ``x[dst + 2n:dst + 4n]`` become ``a x + x[src + j // 2]``."""
+    s, d, m, two = np.uint64(src), np.uint64(dst), np.uint64(n), np.uint64(2)
+    for j in range(m):
+        v = x[s + j]
+        up[two * j] = v
+        up[two * j + np.uint64(1)] = v
+    for j in range(two * m):
+        x[d + j] = a * x[d + j] + up[j]
+    d += two * m
+    for j in range(two * m):
+        x[d + j] = a * x[d + j] + up[j]
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _multiscale_mse_numba(pred: np.ndarray, target: np.ndarray, gamma: np.ndarray, grad: np.ndarray,
                           write_grad: bool, partial: np.ndarray, start: int, stop: int) -> None:
     """Stripes ``start..stop`` of K rows (stripe u: plane u // (H / K), rows from K (u % (H / K))) in one pass.
 
-    Per stripe: the block-sum pyramid S_l, ``partial[u] = sum_l gamma_l ||S_l||^2`` (float64), and, iff
-    ``write_grad``, ``grad = 2 sum_l gamma_l S_l[y // 2^l, x // 2^l]``. pred, target, grad: (B, C, H, W)
-    C-contiguous; gamma: (L,) in the working dtype (float32, or float64 for float64 inputs).
+    Per stripe: the block-sum pyramid S_l, ``partial[u] = sum_l gamma_l ||S_l||^2`` (squares summed in
+    float64), and, iff ``write_grad``, ``grad = 2 sum_l gamma_l S_l[y // 2^l, x // 2^l]``. pred, target,
+    grad: (B, C, H, W) C-contiguous; gamma: (L,) in the working dtype (float32, or float64 for float64
+    inputs). Every inner loop runs over contiguous rows, so it vectorizes.
     """
-    n_c, height, width = pred.shape[1:]
+    width = pred.shape[3]
     levels = gamma.shape[0]
     twice = gamma + gamma
     k = 1 << (levels - 1)
-    stripes = height // k
     size = 0
     for l in range(levels):
         size += (k >> l) * (width >> l)
     pyramid = np.empty(size, gamma.dtype)  # level l: (k >> l, width >> l) block sums, finest first
-    scratch = np.empty(width, gamma.dtype)
+    pyramid_bits = pyramid.view(np.uint32)
+    block = k * width  # a stripe's elements, contiguous: stripe u starts at u * block
+    scratch = np.empty(2 * block, gamma.dtype)
+    scratch_bits = scratch.view(np.uint32)
+    p_flat, t_flat, g_flat = pred.reshape(-1), target.reshape(-1), grad.reshape(-1)
     for u in range(start, stop):
-        b, c, r0 = u // stripes // n_c, u // stripes % n_c, u % stripes * k
-        for i in range(k):
-            _diff_row(pred[b, c, r0 + i], target[b, c, r0 + i], pyramid[i * width:(i + 1) * width], scratch)
-        total, off, rows, cols = 0.0, 0, k, width
-        for l in range(levels):
-            if l:
-                fine, off = off, off + rows * cols
-                rows, cols = rows // 2, cols // 2
-                for i in range(rows):
-                    for j in range(cols):
-                        f = fine + 4 * i * cols + 2 * j
-                        pyramid[off + i * cols + j] = (pyramid[f] + pyramid[f + 1] + pyramid[f + 2 * cols]
-                                                       + pyramid[f + 2 * cols + 1])
-            sq = 0.0
-            for q in range(off, off + rows * cols):
-                sq += pyramid[q] * pyramid[q]
-            total += gamma[l] * sq
+        base = u * block
+        _diff_row(p_flat, t_flat, base, pyramid, 0, block, scratch, scratch_bits)
+        total = gamma[0] * _sum_squares(pyramid, 0, block)
+        off, rows, cols = 0, k, width
+        for l in range(1, levels):
+            fine, fine_cols = off, cols
+            off, rows, cols = off + rows * cols, rows // 2, cols // 2
+            for i in range(rows):
+                _pool_row(pyramid, fine + 2 * i * fine_cols, fine_cols, scratch, off + i * cols)
+            total += gamma[l] * _sum_squares(pyramid, off, off + rows * cols)
         partial[u] = total
         if not write_grad:
             continue
-        # top-down, in place over the pyramid: G_l = 2 gamma_l S_l + G_{l+1}[i // 2, j // 2]
+        # top-down, in place over the pyramid: G_l = 2 gamma_l S_l + G_{l+1}[i // 2, j // 2], each coarse
+        # row upsampled once and added to its two fine rows
         for q in range(off, off + rows * cols):
             pyramid[q] *= twice[levels - 1]
         for l in range(levels - 2, -1, -1):
-            coarse, coarse_cols = off, cols
+            coarse, coarse_rows, coarse_cols = off, rows, cols
             rows, cols = rows * 2, cols * 2
             off -= rows * cols
-            for i in range(rows):
-                for j in range(cols):
-                    q = off + i * cols + j
-                    pyramid[q] = twice[l] * pyramid[q] + pyramid[coarse + (i // 2) * coarse_cols + j // 2]
-        for i in range(k):
-            _store_row(pyramid[i * width:(i + 1) * width], grad[b, c, r0 + i])
+            for i in range(coarse_rows):
+                _add_upsampled(pyramid, twice[l], coarse + i * coarse_cols, coarse_cols, scratch,
+                               off + 2 * i * cols)
+        _store_row(pyramid, pyramid_bits, 0, g_flat, base, block)
 
 
 @functools.lru_cache(maxsize=1)
