@@ -24,13 +24,7 @@ GAUSS = single_gaussian()  # N(mu, S) in 3-D
 ALPHAS_BAR = alphas_bar_from_betas(betas_linear(1000))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The tensors here are tiny: intra-op threads cost more than they save on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:

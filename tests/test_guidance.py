@@ -22,13 +22,7 @@ GM = two_d_mixture()
 NULL = GM.n_classes  # the reserved "no label" index
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The tensors here are tiny: intra-op threads cost more than they save on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:

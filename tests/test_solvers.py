@@ -33,13 +33,7 @@ from kdiff.solvers import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The tensors here are tiny: intra-op threads cost more than they save on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 GM = two_d_mixture()
 ALPHAS_BAR = alphas_bar_from_betas(betas_linear(1000))  # DDPM's table, float64
