@@ -29,7 +29,6 @@ import math
 import torch
 from torch import Tensor
 
-from . import kernels
 from ._util import Scalar, as_coef, check_float, check_range, check_same_shape
 from .param import eps_from_v
 
@@ -129,4 +128,6 @@ def multiscale_mse(pred: Tensor, target: Tensor, *, base: int = 32) -> Tensor:
     check_float(pred, "pred")
     check_float(target, "target")
     check_same_shape(pred, target, "pred", "target")
-    return kernels.multiscale_mse(pred, target, base=base)
+    from .kernels import multiscale_mse as kernel  # loaded on first use: importing kdiff stays free of numba/Triton
+
+    return kernel(pred, target, base=base)
