@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._util import Scalar, check_float, check_range, coef_dtype, per_sample
+from ._util import Scalar, check_callable, check_float, check_number, check_range, coef_dtype, per_sample
 from .param import edm_precond, x_from_eps, x_from_v
 from .schedules import alpha_sigma, logsnr_from_alphas_bar, logsnr_from_sigma
 
@@ -38,23 +38,34 @@ def _net_input(c: Tensor, x: Tensor) -> Tensor:
     return _batch(c, x).to(coef_dtype(x)) if c.is_floating_point() else _batch(c, x)
 
 
-def edm_denoiser(net: Callable[[Tensor, Tensor], Tensor], *, sigma_data: float = 0.5) -> Denoise:
+def _check_output(out: object, shape: torch.Size) -> Tensor:
+    """The network's output, a tensor shaped like ``x``, or an error naming ``net``."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"net: expected the network to return a tensor of shape {tuple(shape)}, "
+                        f"got {type(out).__name__}")
+    if out.shape != shape:
+        raise ValueError(f"net: expected an output of shape {tuple(shape)}, got {tuple(out.shape)}")
+    return out
+
+
+def edm_denoiser(net: Callable[..., Tensor], *, sigma_data: float = 0.5) -> Denoise:
     """``D(x, sigma) = c_skip x + c_out F(c_in x, c_noise)`` [EDM Eq. 7, Table 1].
 
-    ``net(x_in, c_noise)`` takes ``x_in: (B, ...)`` in ``x``'s dtype and ``c_noise = ln(sigma) / 4``
-    of shape ``[B]`` (float32, or float64 for float64 ``x``), and returns ``F`` shaped like ``x``.
-    The returned ``denoise`` accepts ``sigma > 0`` as a float, ``[]`` or ``[B]``.
+    ``net(x_in, c_noise, *cond, **cond_kw)`` takes ``x_in: (B, ...)`` in ``x``'s dtype and
+    ``c_noise = ln(sigma) / 4`` of shape ``[B]`` (float32, or float64 for float64 ``x``), and returns ``F``
+    shaped like ``x``. The returned ``denoise(x, sigma, *cond, **cond_kw)`` accepts ``sigma > 0`` (finite) as a
+    float, ``[]`` or ``[B]``, and passes any further arguments (class labels, other conditioning) to ``net``
+    unchanged: ``edm_denoiser(unet)(x, sigma, labels)`` calls ``unet(c_in x, c_noise, labels)``. The sampler
+    contract is two-argument; bind conditioning with a closure or ``functools.partial`` for sampling.
     """
-    if not sigma_data > 0:
-        raise ValueError(f"sigma_data: expected > 0, got {sigma_data}")
+    check_callable(net, "net")
+    sigma_data = check_number(sigma_data, "sigma_data", low=0.0, low_open=True)
 
-    def denoise(x: Tensor, sigma: Scalar) -> Tensor:
+    def denoise(x: Tensor, sigma: Scalar, *cond: object, **cond_kw: object) -> Tensor:
         check_float(x, "x")
         s = per_sample(sigma, "sigma", x)
         c_skip, c_out, c_in, c_noise = edm_precond(s, sigma_data=sigma_data)
-        out = net((c_in * x).to(x.dtype), _net_input(c_noise, x))
-        if out.shape != x.shape:
-            raise ValueError(f"net: expected an output of shape {tuple(x.shape)}, got {tuple(out.shape)}")
+        out = _check_output(net((c_in * x).to(x.dtype), _net_input(c_noise, x), *cond, **cond_kw), x.shape)
         return (c_skip * x.to(s.dtype) + c_out * out.to(s.dtype)).to(x.dtype)
 
     return denoise
@@ -100,7 +111,8 @@ def vp_denoiser(net: Callable[[Tensor, Tensor], Tensor], *, param: str = "eps", 
     ``alphas_bar`` table, as ``net(z, t)`` with ``t: [B]`` the table index from
     :func:`timestep_from_sigma` (float, or int64 with ``nearest=True``). Float conditioning is
     float32, or float64 for float64 ``x``. ``z`` is always built from
-    the exact ``sigma``, so a rounded ``t`` only changes what the network is told.
+    the exact ``sigma``, so a rounded ``t`` only changes what the network is told. As with
+    :func:`edm_denoiser`, ``denoise(x, sigma, *cond, **cond_kw)`` passes further arguments to ``net``.
 
     Args:
         param: what the network predicts: ``"eps"``, ``"v"`` (``alpha eps - sigma x`` [PD]) or ``"x"``.
@@ -110,20 +122,23 @@ def vp_denoiser(net: Callable[[Tensor, Tensor], Tensor], *, param: str = "eps", 
             [iDDPM Eq. 15]. The weight, not a log-variance, is returned: ``log beta`` and
             ``log beta_tilde`` depend on the step's ``sigma_next``, which a denoiser does not see.
     """
-    if param not in PARAMS:
+    check_callable(net, "net")
+    if not isinstance(param, str) or param not in PARAMS:
         raise ValueError(f"param: expected one of {', '.join(PARAMS)}, got {param!r}")
     if alphas_bar is not None:
         check_float(alphas_bar, "alphas_bar")
 
-    def denoise(x: Tensor, sigma: Scalar) -> Tensor | tuple[Tensor, Tensor]:
+    def denoise(x: Tensor, sigma: Scalar, *cond: object, **cond_kw: object) -> Tensor | tuple[Tensor, Tensor]:
         check_float(x, "x")
         s = per_sample(sigma, "sigma", x)
         check_range(s, "sigma", low=0.0, low_open=True)
         logsnr = _batch(logsnr_from_sigma(s), x)
         alpha = per_sample(alpha_sigma(logsnr)[0], "alpha", x)
         z = (alpha * x.to(alpha.dtype)).to(x.dtype)
-        cond = logsnr if alphas_bar is None else timestep_from_sigma(_batch(s, x), alphas_bar, nearest=nearest)
-        out = net(z, _net_input(cond, x))
+        level = logsnr if alphas_bar is None else timestep_from_sigma(_batch(s, x), alphas_bar, nearest=nearest)
+        out = net(z, _net_input(level, x), *cond, **cond_kw)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"net: expected the network to return a tensor, got {type(out).__name__}")
         if learned_variance:
             if out.ndim < 2 or out.shape[1] != 2 * x.shape[1]:
                 raise ValueError(f"net: expected {2 * x.shape[1]} channels in dim 1 with learned_variance=True, "

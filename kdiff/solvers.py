@@ -31,7 +31,19 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._util import Scalar, check_float, check_int, check_range, check_same_shape, coef_dtype, per_sample
+from ._util import (
+    Scalar,
+    check_callable,
+    check_choice,
+    check_float,
+    check_generator,
+    check_int,
+    check_number,
+    check_range,
+    check_same_shape,
+    coef_dtype,
+    per_sample,
+)
 from .denoisers import Denoise
 from .process import posterior_logvar
 from .schedules import logsnr_from_alphas_bar, logsnr_from_sigma, sigma_from_logsnr
@@ -54,6 +66,35 @@ def _levels(x: Tensor, denoised: Tensor, sigma: Scalar, sigma_next: Scalar) -> t
     check_range(s, "sigma", low=0.0, low_open=True)
     check_range(s_next, "sigma_next", low=0.0)
     return x.to(dtype), denoised.to(dtype), s, s_next
+
+
+def _check_eta(eta: float) -> float:
+    """DDIM's ``eta``: a finite Python number >= 0."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta: expected a finite float >= 0, got {eta!r}")
+    return float(eta)
+
+
+def _check_churn(s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> None:
+    """EDM Algorithm 2's ``S_churn, S_tmin, S_tmax, S_noise``: finite ``s_churn, s_noise >= 0``,
+    ``0 <= s_tmin <= s_tmax`` (``s_tmax`` may be inf)."""
+    for name, value in (("s_churn", s_churn), ("s_noise", s_noise)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or not math.isfinite(value):
+            raise ValueError(f"{name}: expected a finite value >= 0, got {value}")
+    check_number(s_tmin, "s_tmin", low=0.0)
+    check_number(s_tmax, "s_tmax", low=0.0, finite=False)
+    if not s_tmin <= s_tmax:
+        raise ValueError(f"s_tmin, s_tmax: expected s_tmin <= s_tmax, got {s_tmin}, {s_tmax}")
+
+
+_VARIANCES = ("small", "large")
+
+
+def _check_variance(variance: str | Tensor) -> None:
+    if isinstance(variance, Tensor):
+        check_float(variance, "variance")
+    else:
+        check_choice(variance, "variance", _VARIANCES)
 
 
 def _check_noise(noise: Tensor | None, x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -121,12 +162,8 @@ def churn(x: Tensor, sigma: Scalar, noise: Tensor, *, s_churn: float, n_steps: i
         (``[]`` for a float), float32 or float64.
     """
     check_float(x, "x")
-    for name, value in (("s_churn", s_churn), ("s_noise", s_noise)):
-        if not value >= 0 or not math.isfinite(value):
-            raise ValueError(f"{name}: expected a finite value >= 0, got {value}")
+    _check_churn(s_churn, s_tmin, s_tmax, s_noise)
     check_int(n_steps, "n_steps", low=1)
-    if not s_tmin <= s_tmax:
-        raise ValueError(f"s_tmin, s_tmax: expected s_tmin <= s_tmax, got {s_tmin}, {s_tmax}")
     s = per_sample(sigma, "sigma", x)
     check_range(s, "sigma", low=0.0, low_open=True)
     noise = _check_noise(noise, x, s.dtype)
@@ -152,8 +189,7 @@ def ddim_step(x: Tensor, denoised: Tensor, sigma: Scalar, sigma_next: Scalar, *,
         noise: standard normal shaped like ``x``; needed when ``eta > 0``.
     """
     xc, den, s, s_next = _levels(x, denoised, sigma, sigma_next)
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta: expected a finite float >= 0, got {eta!r}")
+    eta = _check_eta(eta)
     if eta == 0:
         return (den + (s_next / s) * (xc - den)).to(x.dtype)
     noise = _check_noise(noise, x, s.dtype)
@@ -183,6 +219,7 @@ def ddpm_step(x: Tensor, denoised: Tensor, sigma: Scalar, sigma_next: Scalar, *,
         variance: ``"small"``, ``"large"`` or ``frac``, a tensor broadcastable to ``x``.
     """
     xc, den, s, s_next = _levels(x, denoised, sigma, sigma_next)
+    _check_variance(variance)
     check_range(s - s_next, "sigma - sigma_next", low=0.0)
     mean = den + (s_next / s) ** 2 * (xc - den)
     if bool((s_next == 0).all()):
@@ -197,10 +234,8 @@ def ddpm_step(x: Tensor, denoised: Tensor, sigma: Scalar, sigma_next: Scalar, *,
         logvar = variance * log_beta + (1.0 - variance) * log_beta_tilde
     elif variance == "small":
         logvar = log_beta_tilde
-    elif variance == "large":
-        logvar = log_beta
     else:
-        raise ValueError(f"variance: expected 'small', 'large' or a tensor frac in [0, 1], got {variance!r}")
+        logvar = log_beta
     std = torch.exp(0.5 * (logvar - F.logsigmoid(logsnr_s)))  # sqrt(Sigma) / alpha_s
     std = torch.where(s_next > 0, std, torch.zeros_like(std))
     return (mean + std * noise).to(x.dtype)
@@ -318,6 +353,9 @@ def sample(denoise: Callable, x: Tensor, sigmas: Tensor, *, solver: str = "heun"
     (:func:`ddim_step` with ``eta``), ``"ddpm"`` (:func:`ddpm_step` with ``variance``; a denoiser
     returning ``(denoised, frac)`` supplies iDDPM's learned variance, and its ``frac`` is ignored
     by the other solvers). Churn (:func:`churn`) applies to ``"euler"`` and ``"heun"`` only.
+    An option that does not apply to the chosen solver (``eta != 0`` without ``"ddim"``, ``variance``
+    other than ``"small"`` without ``"ddpm"``, ``s_churn != 0`` without ``"euler"``/``"heun"``) is a
+    ValueError, as is an invalid value of any option, whether or not it applies.
 
     The state is kept in float64; ``denoise`` sees it in ``x``'s dtype with ``sigma`` a float64
     ``[]`` tensor. Every random draw uses ``generator`` (torch's global generator when None).
@@ -333,14 +371,23 @@ def sample(denoise: Callable, x: Tensor, sigmas: Tensor, *, solver: str = "heun"
     Returns:
         The sample at ``sigma = 0``, in ``x``'s dtype.
     """
+    check_callable(denoise, "denoise")
     check_float(x, "x")
     _check_sigmas(sigmas)
-    if solver not in SOLVERS:
+    if not isinstance(solver, str) or solver not in SOLVERS:
         raise ValueError(f"solver: expected one of {', '.join(SOLVERS)}, got {solver!r}")
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta: expected a finite float >= 0, got {eta!r}")
+    eta = _check_eta(eta)
+    _check_variance(variance)
+    _check_churn(s_churn, s_tmin, s_tmax, s_noise)
+    check_generator(generator)
+    if callback is not None:
+        check_callable(callback, "callback")
     if s_churn != 0 and solver not in ("euler", "heun"):
         raise ValueError(f"s_churn: churn applies to solver='euler' or 'heun', got s_churn={s_churn} with {solver!r}")
+    if eta != 0 and solver != "ddim":
+        raise ValueError(f"eta: applies to solver='ddim' only, got eta={eta} with {solver!r}")
+    if not (isinstance(variance, str) and variance == "small") and solver != "ddpm":
+        raise ValueError(f"variance: applies to solver='ddpm' only, got variance={variance!r} with {solver!r}")
     dtype = x.dtype
     state = x.to(torch.float64)
     grid = sigmas.to(device=x.device, dtype=torch.float64)
