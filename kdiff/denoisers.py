@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ._util import Scalar, check_callable, check_float, check_number, check_range, coef_dtype, per_sample
 from .param import edm_precond, x_from_eps, x_from_v
-from .schedules import alpha_sigma, logsnr_from_alphas_bar, logsnr_from_sigma
+from .schedules import alpha_sigma, logsnr_from_sigma, timestep_from_sigma
 
 __all__ = ["Denoise", "edm_denoiser", "vp_denoiser", "timestep_from_sigma"]
 
@@ -71,45 +71,13 @@ def edm_denoiser(net: Callable[..., Tensor], *, sigma_data: float = 0.5) -> Deno
     return denoise
 
 
-def timestep_from_sigma(sigma: Scalar, alphas_bar: Tensor, *, nearest: bool = False) -> Tensor:
-    """The table index ``t`` with ``logsnr(alpha_bar_t) = -2 log sigma``, linear in logsnr between indices.
-
-    ``alphas_bar``: ``(T,)`` decreasing, index ``i`` is the paper's timestep ``i + 1``. The index is
-    a float (``nearest=False``, for networks that embed a continuous timestep) or the nearest int64
-    (for networks with a lookup table). Both are exact integers on a grid from
-    ``solvers.sigmas_from_alphas_bar`` of the same table. A ``sigma`` within 1e-4 in logsnr outside
-    the table's range is rounding and maps to the end; further out is a ValueError (a network
-    trained on integer t never saw it).
-    """
-    check_float(alphas_bar, "alphas_bar")
-    if alphas_bar.ndim != 1:
-        raise ValueError(f"alphas_bar: expected a 1-D table, got shape {tuple(alphas_bar.shape)}")
-    s = torch.as_tensor(sigma, dtype=torch.float64) if not isinstance(sigma, Tensor) else sigma.to(torch.float64)
-    table = -logsnr_from_alphas_bar(alphas_bar.to(device=s.device, dtype=torch.float64))  # increasing in t
-    if bool((table.diff() <= 0).any()):
-        raise ValueError("alphas_bar: expected a strictly decreasing table")
-    query = -logsnr_from_sigma(s)
-    lo_end, hi_end = table[0].item(), table[-1].item()
-    check_range(query, f"sigma, as 2 log(sigma) (the table covers [{lo_end:.6g}, {hi_end:.6g}])",
-                low=lo_end - 1e-4, high=hi_end + 1e-4)
-    query = query.clamp(lo_end, hi_end)
-    T = table.shape[0]
-    if T == 1:
-        t = torch.zeros_like(query)
-    else:
-        upper = torch.searchsorted(table, query.contiguous()).clamp(1, T - 1)
-        lower = upper - 1
-        t = lower + (query - table[lower]) / (table[upper] - table[lower])
-    return torch.round(t).to(torch.int64) if nearest else t
-
-
 def vp_denoiser(net: Callable[[Tensor, Tensor], Tensor], *, param: str = "eps", alphas_bar: Tensor | None = None,
                 nearest: bool = False, learned_variance: bool = False) -> Denoise:
     """``denoised = x_from_{param}(z, net(z, c), logsnr)`` with ``z = alpha x``, ``logsnr = -2 log sigma``.
 
     The network is called as ``net(z, logsnr)`` with ``logsnr: [B]``, or, given a discrete
     ``alphas_bar`` table, as ``net(z, t)`` with ``t: [B]`` the table index from
-    :func:`timestep_from_sigma` (float, or int64 with ``nearest=True``). Float conditioning is
+    :func:`kdiff.schedules.timestep_from_sigma` (float, or int64 with ``nearest=True``). Float conditioning is
     float32, or float64 for float64 ``x``. ``z`` is always built from
     the exact ``sigma``, so a rounded ``t`` only changes what the network is told. As with
     :func:`edm_denoiser`, ``denoise(x, sigma, *cond, **cond_kw)`` passes further arguments to ``net``.

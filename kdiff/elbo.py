@@ -45,7 +45,7 @@ from ._util import (
     per_sample_flat,
 )
 from .param import x_from_eps
-from .process import diffuse, posterior, posterior_logvar
+from .process import diffuse, learned_range_logvar, posterior, posterior_logvar, transition_logvar
 
 __all__ = [
     "normal_kl", "discretized_gaussian_loglik", "gaussian_nll", "decoder_nll", "prior_kl", "learned_logvar",
@@ -234,38 +234,41 @@ def prior_kl(x: Tensor, logsnr_T: Scalar) -> Tensor:
 # Reverse-process variance and the VLB terms
 
 
-def learned_logvar(v: Tensor, logsnr_s: Scalar, logsnr_t: Scalar, *, first_logvar: Scalar | None = None) -> Tensor:
-    """``log Sigma = f log beta_t + (1 - f) log beta~_t`` with ``f = (v + 1) / 2`` [iDDPM Eq. 15].
+def learned_logvar(v_raw: Tensor, logsnr_s: Scalar, logsnr_t: Scalar, *,
+                   first_logvar: Scalar | None = None) -> Tensor:
+    """``log Sigma = f log beta_t + (1 - f) log beta~_t`` with ``f = (v_raw + 1) / 2`` [iDDPM Eq. 15].
 
-    ``v`` is the network's raw output; the paper writes the interpolation weight in [0, 1], and its released
-    code maps an output in [-1, 1] to it by ``(v + 1) / 2`` without clamping: we do the same (``v = 1`` gives
-    ``beta_t``, ``v = -1`` gives ``beta~_t``; values outside extrapolate). From the log-SNRs,
-    ``beta_t = 1 - alpha_t^2 / alpha_s^2`` and ``beta~_t = sigma_s^2 (1 - SNR_t / SNR_s)``, the posterior
-    variance (:func:`kdiff.process.posterior_logvar`).
+    ``v_raw`` is the network's raw variance output (the paper's v, not a velocity); the paper writes the
+    interpolation weight in [0, 1], and its released code maps an output in [-1, 1] to it by ``(v_raw + 1) / 2``
+    without clamping: we do the same (``v_raw = 1`` gives ``beta_t``, ``-1`` gives ``beta~_t``; values outside
+    extrapolate). From the log-SNRs, ``beta_t = 1 - alpha_t^2 / alpha_s^2``
+    (:func:`kdiff.process.transition_logvar`) and ``beta~_t = sigma_s^2 (1 - SNR_t / SNR_s)``, the posterior
+    variance (:func:`kdiff.process.posterior_logvar`); the interpolation is
+    :func:`kdiff.process.learned_range_logvar`.
 
     At the first step (``logsnr_s = +inf``, onto clean data) ``beta~_1 = 0``. iDDPM's code replaces it by the
     second step's ``beta~_2``; pass that value as ``first_logvar`` (e.g.
     ``posterior_logvar(logsnrs[0], logsnrs[1])`` for a table ``logsnrs``). Without it a first step raises.
 
-    Shapes: ``v (B, ...)``; ``logsnr_s``, ``logsnr_t`` ``[]`` or ``[B]``; ``first_logvar`` a scalar or broadcast
-    to ``v``. Returns ``v``'s shape, float32/64.
+    Shapes: ``v_raw (B, ...)``; ``logsnr_s``, ``logsnr_t`` ``[]`` or ``[B]``; ``first_logvar`` a scalar or
+    broadcast to ``v_raw``. Returns ``v_raw``'s shape, float32/64.
     """
-    _batched(v, "v")
+    v = _batched(v_raw, "v_raw")
     dtype = coef_dtype(logsnr_s, logsnr_t, v)
     ls = per_sample(logsnr_s, "logsnr_s", v, dtype=dtype, posinf=True)
     lt = per_sample(logsnr_t, "logsnr_t", v, dtype=dtype)
     _check_step(ls, lt)
-    log_beta = torch.log(-torch.expm1(F.logsigmoid(lt) - F.logsigmoid(ls)))
+    log_beta = transition_logvar(ls, lt)
     first = torch.isinf(ls)
     log_beta_tilde = posterior_logvar(torch.where(first, lt + 1.0, ls), lt)
     if first_logvar is not None:
-        fl = _like_x(as_coef(first_logvar, "first_logvar", dtype=dtype, device=v.device), "first_logvar", v)
+        fl = _like_x(as_coef(first_logvar, "first_logvar", dtype=dtype, device=v.device, neginf=True),
+                     "first_logvar", v)
         log_beta_tilde = torch.where(first, fl, log_beta_tilde)
     elif first.any():
         raise ValueError("logsnr_s: +inf (the first step, where beta~ = 0) needs first_logvar; iDDPM uses the "
                          "second step's posterior log-variance, posterior_logvar(logsnrs[0], logsnrs[1])")
-    frac = 0.5 * (v.to(dtype) + 1.0)
-    return frac * log_beta + (1.0 - frac) * log_beta_tilde
+    return learned_range_logvar(0.5 * (v.to(dtype) + 1.0), log_beta, log_beta_tilde)
 
 
 def _check_step(ls: Tensor, lt: Tensor) -> None:

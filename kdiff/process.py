@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ._util import Scalar, _checking, as_coef, check_float, check_same_shape, coef_dtype, per_sample
 
-__all__ = ["diffuse", "transition", "posterior", "posterior_logvar"]
+__all__ = ["diffuse", "transition", "transition_logvar", "posterior", "posterior_logvar", "learned_range_logvar"]
 
 
 def diffuse(x: Tensor, eps: Tensor, logsnr: Scalar) -> Tensor:
@@ -68,6 +68,26 @@ def transition(logsnr_s: Scalar, logsnr_t: Scalar) -> tuple[Tensor, Tensor]:
     alpha_ts = torch.where(same, torch.ones_like(lt), torch.exp(0.5 * (F.logsigmoid(lt) - F.logsigmoid(ls))))
     var_ts = -torch.sigmoid(-lt) * torch.expm1(_gap(ls, lt))
     return alpha_ts, var_ts
+
+
+def transition_logvar(logsnr_s: Scalar, logsnr_t: Scalar) -> Tensor:
+    """``log var_ts = log(1 - alpha_t^2 / alpha_s^2) = log sigma_t^2 + log(-expm1(l_t - l_s))`` [VDM Eq. 4]: the log
+    of :func:`transition`'s ``var_ts``, DDPM's step variance ``beta_t`` of a (respaced) chain [iDDPM Sec. 4].
+
+    ``-inf`` for ``l_s = l_t``; ``l_s = +inf`` gives ``log sigma_t^2``. Shapes broadcast; ``logsnr_s >= logsnr_t``.
+    """
+    ls, lt = _pair(logsnr_s, logsnr_t)
+    return F.logsigmoid(-lt) + torch.log(-torch.expm1(_gap(ls, lt)))
+
+
+def learned_range_logvar(frac: Tensor, log_beta: Tensor, log_beta_tilde: Tensor) -> Tensor:
+    """``log Sigma = frac log beta + (1 - frac) log beta~`` [iDDPM Eq. 15, their v]: the learned interpolation
+    between the step variance (:func:`transition_logvar`) and the posterior one (:func:`posterior_logvar`).
+
+    ``frac`` in [0, 1] is the weight (a network output ``v_raw`` in [-1, 1] maps to ``(v_raw + 1) / 2``); the
+    three tensors broadcast. Not clamped, as in iDDPM's code.
+    """
+    return frac * log_beta + (1.0 - frac) * log_beta_tilde
 
 
 def posterior_logvar(logsnr_s: Scalar, logsnr_t: Scalar) -> Tensor:

@@ -31,7 +31,7 @@ __all__ = [
     "logsnr_from_alphas_bar", "alphas_bar_from_logsnr",
     "logsnr_cosine", "t_from_logsnr_cosine", "logsnr_cosine_shifted", "t_from_logsnr_cosine_shifted",
     "logsnr_cosine_interpolated", "t_from_logsnr_cosine_interpolated",
-    "sigmas_karras", "sigma_lognormal", "respace",
+    "sigmas_karras", "sigma_lognormal", "respace", "sigmas_from_alphas_bar", "timestep_from_sigma",
 ]
 
 
@@ -312,3 +312,62 @@ def respace(T: int, n: int, *, spacing: str = "trailing") -> Tensor:
         return _round_div(k * (T - 1), max(n - 1, 1))
     raise ValueError(f"spacing: expected one of 'trailing', 'leading', 'linspace', got {spacing!r}")
 
+
+# ----------------------------------------------------------------------------------------------
+# Discrete tables on the EDM axis
+
+
+def sigmas_from_alphas_bar(alphas_bar: Tensor, timesteps: Tensor | None = None) -> Tensor:
+    """``sigma_i = sqrt((1 - alpha_bar_i) / alpha_bar_i)`` at ``timesteps``, noisiest first, then 0.
+
+    The grid on which a DDPM/DDIM chain over a discrete table runs in EDM space. ``timesteps`` are
+    increasing table indices (:func:`respace`; default all ``T``); the trailing 0 is
+    ``alpha_bar = 1``, so the last step lands on the denoiser output. Returns ``(n + 1,)`` float64.
+    """
+    check_float(alphas_bar, "alphas_bar")
+    logsnr = logsnr_from_alphas_bar(alphas_bar.to(torch.float64))
+    if logsnr.ndim != 1:
+        raise ValueError(f"alphas_bar: expected a 1-D table, got shape {tuple(logsnr.shape)}")
+    if timesteps is None:
+        timesteps = torch.arange(logsnr.shape[0])
+    if not isinstance(timesteps, Tensor) or timesteps.dtype not in (torch.int32, torch.int64) or timesteps.ndim != 1:
+        raise TypeError(f"timesteps: expected a 1-D int64 tensor of table indices, got {timesteps!r}")
+    T = logsnr.shape[0]
+    if len(timesteps) == 0 or timesteps.min() < 0 or timesteps.max() >= T or (timesteps.diff() <= 0).any():
+        raise ValueError(f"timesteps: expected strictly increasing indices in [0, {T - 1}], got {timesteps.tolist()}")
+    sig = sigma_from_logsnr(logsnr[timesteps.to(logsnr.device)]).flip(0)
+    if (sig.diff() >= 0).any():
+        raise ValueError("alphas_bar: expected a strictly decreasing table at the chosen timesteps")
+    return torch.cat([sig, sig.new_zeros(1)])
+
+
+def timestep_from_sigma(sigma: Scalar, alphas_bar: Tensor, *, nearest: bool = False) -> Tensor:
+    """The table index ``t`` with ``logsnr(alpha_bar_t) = -2 log sigma``, linear in logsnr between indices.
+
+    ``alphas_bar``: ``(T,)`` decreasing, index ``i`` is the paper's timestep ``i + 1``. The index is
+    a float (``nearest=False``, for networks that embed a continuous timestep) or the nearest int64
+    (for networks with a lookup table). Both are exact integers on a grid from
+    :func:`sigmas_from_alphas_bar` of the same table. A ``sigma`` within 1e-4 in logsnr outside
+    the table's range is rounding and maps to the end; further out is a ValueError (a network
+    trained on integer t never saw it).
+    """
+    check_float(alphas_bar, "alphas_bar")
+    if alphas_bar.ndim != 1:
+        raise ValueError(f"alphas_bar: expected a 1-D table, got shape {tuple(alphas_bar.shape)}")
+    s = torch.as_tensor(sigma, dtype=torch.float64) if not isinstance(sigma, Tensor) else sigma.to(torch.float64)
+    table = -logsnr_from_alphas_bar(alphas_bar.to(device=s.device, dtype=torch.float64))  # increasing in t
+    if bool((table.diff() <= 0).any()):
+        raise ValueError("alphas_bar: expected a strictly decreasing table")
+    query = -logsnr_from_sigma(s)
+    lo_end, hi_end = table[0].item(), table[-1].item()
+    check_range(query, f"sigma, as 2 log(sigma) (the table covers [{lo_end:.6g}, {hi_end:.6g}])",
+                low=lo_end - 1e-4, high=hi_end + 1e-4)
+    query = query.clamp(lo_end, hi_end)
+    T = table.shape[0]
+    if T == 1:
+        t = torch.zeros_like(query)
+    else:
+        upper = torch.searchsorted(table, query.contiguous()).clamp(1, T - 1)
+        lower = upper - 1
+        t = lower + (query - table[lower]) / (table[upper] - table[lower])
+    return torch.round(t).to(torch.int64) if nearest else t

@@ -45,8 +45,8 @@ from ._util import (
     per_sample,
 )
 from .denoisers import Denoise
-from .process import posterior_logvar
-from .schedules import logsnr_from_alphas_bar, logsnr_from_sigma, sigma_from_logsnr
+from .process import learned_range_logvar, posterior_logvar, transition_logvar
+from .schedules import logsnr_from_sigma, sigmas_from_alphas_bar  # the latter re-exported: its old home
 
 __all__ = ["euler_step", "heun_step", "churn", "ddim_step", "ddpm_step", "dpmpp_2m_step",
            "sigmas_from_alphas_bar", "sample", "SampleStep", "SOLVERS"]
@@ -227,11 +227,9 @@ def ddpm_step(x: Tensor, denoised: Tensor, sigma: Scalar, sigma_next: Scalar, *,
     noise = _check_noise(noise, x, s.dtype)
     logsnr_s, logsnr_t = logsnr_from_sigma(s_next), logsnr_from_sigma(s)
     log_beta_tilde = posterior_logvar(logsnr_s, logsnr_t)
-    log_beta = torch.log(-torch.expm1(F.logsigmoid(logsnr_t) - F.logsigmoid(logsnr_s)))
+    log_beta = transition_logvar(logsnr_s, logsnr_t)
     if isinstance(variance, Tensor):
-        check_float(variance, "variance")
-        variance = variance.to(s.dtype)
-        logvar = variance * log_beta + (1.0 - variance) * log_beta_tilde
+        logvar = learned_range_logvar(variance.to(s.dtype), log_beta, log_beta_tilde)
     elif variance == "small":
         logvar = log_beta_tilde
     else:
@@ -274,30 +272,6 @@ def dpmpp_2m_step(x: Tensor, denoised: Tensor, sigma: Scalar, sigma_next: Scalar
     extrapolated = den + half_inv_r * (den - d_prev)
     d_mid = torch.where(last, den, extrapolated)
     return (d_mid + ratio * (xc - d_mid)).to(x.dtype)
-
-
-def sigmas_from_alphas_bar(alphas_bar: Tensor, timesteps: Tensor | None = None) -> Tensor:
-    """``sigma_i = sqrt((1 - alpha_bar_i) / alpha_bar_i)`` at ``timesteps``, noisiest first, then 0.
-
-    The grid on which a DDPM/DDIM chain over a discrete table runs in EDM space. ``timesteps`` are
-    increasing table indices (``schedules.respace(T, n)``; default all ``T``); the trailing 0 is
-    ``alpha_bar = 1``, so the last step lands on the denoiser output. Returns ``(n + 1,)`` float64.
-    """
-    check_float(alphas_bar, "alphas_bar")
-    logsnr = logsnr_from_alphas_bar(alphas_bar.to(torch.float64))
-    if logsnr.ndim != 1:
-        raise ValueError(f"alphas_bar: expected a 1-D table, got shape {tuple(logsnr.shape)}")
-    if timesteps is None:
-        timesteps = torch.arange(logsnr.shape[0])
-    if not isinstance(timesteps, Tensor) or timesteps.dtype not in (torch.int32, torch.int64) or timesteps.ndim != 1:
-        raise TypeError(f"timesteps: expected a 1-D int64 tensor of table indices, got {timesteps!r}")
-    T = logsnr.shape[0]
-    if len(timesteps) == 0 or timesteps.min() < 0 or timesteps.max() >= T or (timesteps.diff() <= 0).any():
-        raise ValueError(f"timesteps: expected strictly increasing indices in [0, {T - 1}], got {timesteps.tolist()}")
-    sig = sigma_from_logsnr(logsnr[timesteps.to(logsnr.device)]).flip(0)
-    if (sig.diff() >= 0).any():
-        raise ValueError("alphas_bar: expected a strictly decreasing table at the chosen timesteps")
-    return torch.cat([sig, sig.new_zeros(1)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,7 +339,7 @@ def sample(denoise: Callable, x: Tensor, sigmas: Tensor, *, solver: str = "heun"
         x: the start, noise at ``sigmas[0]``: ``sigma_max n`` for an EDM model, ``n sqrt(1 + sigma_max^2)``
             (that is ``z_T / alpha_T``) for a VP model. ``(B, ...)``.
         sigmas: ``(n + 1,)``, strictly decreasing, last value 0 (``schedules.sigmas_karras``,
-            :func:`sigmas_from_alphas_bar`).
+            :func:`kdiff.schedules.sigmas_from_alphas_bar`).
         callback: called with a :class:`SampleStep` after each evaluation of ``denoise(x_i, sigma_i)``.
         progress: show a tqdm bar over the steps.
     Returns:
