@@ -64,12 +64,14 @@ ModelFn = Callable[[Tensor, int], tuple[Tensor, Tensor]]
 
 
 def _broadcast(*named: tuple[str, Tensor]) -> tuple[Tensor, ...]:
-    """Broadcast tensors against each other; ValueError naming them if their shapes do not fit."""
-    try:
-        shape = torch.broadcast_shapes(*(t.shape for _, t in named))
-    except RuntimeError:
-        got = ", ".join(f"{n} {tuple(t.shape)}" for n, t in named)
-        raise ValueError(f"{', '.join(n for n, _ in named)}: expected broadcastable shapes, got {got}") from None
+    """Broadcast tensors against each other; ValueError naming first the one that does not fit the others."""
+    shape = torch.Size()
+    for i, (name, t) in enumerate(named):
+        try:
+            shape = torch.broadcast_shapes(shape, t.shape)
+        except RuntimeError:
+            got = ", ".join(f"{n} {tuple(u.shape)}" for n, u in named[:i + 1])
+            raise ValueError(f"{name}: expected broadcastable shapes, got {got}") from None
     return tuple(t.expand(shape) for _, t in named)
 
 
@@ -95,7 +97,8 @@ def _sum_per_sample(t: Tensor) -> Tensor:
 
 
 def _dims(x: Tensor) -> int:
-    return x[0].numel()
+    """Dimensions per sample (also for an empty batch)."""
+    return math.prod(x.shape[1:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,6 +202,9 @@ def decoder_nll(x: Tensor, mean: Tensor, logvar: Tensor, *, min_prob: float = 1e
     ``x (B, ...)`` on the 256-level grid in [-1, 1]; ``mean``, ``logvar`` broadcast to it.
     """
     check_float(logvar, "logvar")
+    _batched(x)
+    check_same_device(x, logvar, "x", "logvar")
+    _like_x(logvar, "logvar", x)
     return -_sum_per_sample(discretized_gaussian_loglik(_batched(x), mean, 0.5 * logvar, min_prob=min_prob))
 
 

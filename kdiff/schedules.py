@@ -241,7 +241,10 @@ def t_from_logsnr_cosine_interpolated(logsnr: Scalar, *, image_size: int, noise_
         above = _interpolated(mid, bounds, shift_low, shift_high) > target  # still too clean: move right
         lo = torch.where(above, mid, lo)
         hi = torch.where(above, hi, mid)
-    return (0.5 * (lo + hi)).to(l.dtype)
+    t = 0.5 * (lo + hi)
+    start, end = (_interpolated(target.new_tensor(v), bounds, shift_low, shift_high) for v in (0.0, 1.0))
+    t = torch.where(target >= start, 0.0, torch.where(target <= end, 1.0, t))  # outside the range: the nearest end
+    return t.to(l.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

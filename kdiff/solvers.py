@@ -142,6 +142,8 @@ def heun_step(x: Tensor, denoised: Tensor, sigma: Scalar, sigma_next: Scalar, *,
         raise ValueError("sigma_next: expected all zero or all positive within a batch, "
                          f"got {s_next.flatten().tolist()}")
     denoised_next = denoise(x_euler.to(x.dtype), sigma_next)
+    if not isinstance(denoised_next, Tensor):
+        raise TypeError(f"denoise: expected a tensor shaped like x, got {type(denoised_next).__name__}")
     check_same_shape(x, denoised_next, "x", "denoise(x, sigma_next)")
     return (x_euler + 0.5 * (s - s_next) * ((denoised_next.to(s.dtype) - den) / s_next)).to(x.dtype)
 
