@@ -76,7 +76,8 @@ def vp_denoiser(net: Callable[[Tensor, Tensor], Tensor], *, param: str = "eps", 
     """``denoised = x_from_{param}(z, net(z, c), logsnr)`` with ``z = alpha x``, ``logsnr = -2 log sigma``.
 
     The network is called as ``net(z, logsnr)`` with ``logsnr: [B]``, or, given a discrete
-    ``alphas_bar`` table, as ``net(z, t)`` with ``t: [B]`` the table index from
+    ``alphas_bar`` table, as ``net(z, t)`` with ``t: [B]`` the 0-based table index (index ``i`` is the
+    paper's timestep ``i + 1``) from
     :func:`kdiff.schedules.timestep_from_sigma` (float, or int64 with ``nearest=True``). Float conditioning is
     float32, or float64 for float64 ``x``. ``z`` is always built from
     the exact ``sigma``, so a rounded ``t`` only changes what the network is told. As with
