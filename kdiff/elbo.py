@@ -176,7 +176,9 @@ def discretized_gaussian_loglik(x: Tensor, mean: Tensor, log_scale: Tensor, *, m
     the grid ``k 2/255 - 1``. The log of the CDF difference is computed stably, with no cancellation: a Hermite
     series for narrow bins, else differences of ``log_ndtr`` with the bin reflected into the lower tail.
     ``log P`` is floored at ``log(min_prob)``: DDPM's and iDDPM's reference evaluation floor the bin
-    probability at 1e-12, the default here; ``min_prob=0`` gives the exact value.
+    probability at 1e-12, the default here; ``min_prob=0`` gives the exact value. ``log_scale = -inf`` (a
+    zero-width decoder, e.g. the posterior variance onto clean data) is the limit: ``P = 1`` when ``mean`` lies
+    in ``x``'s bin ``[x - 1/255, x + 1/255)``, else 0.
 
     Shapes: ``x (B, ...)`` in [-1, 1]; ``mean``, ``log_scale`` broadcast to it. Returns ``x``'s shape, float32/64.
     """
@@ -190,9 +192,12 @@ def discretized_gaussian_loglik(x: Tensor, mean: Tensor, log_scale: Tensor, *, m
     dtype = coef_dtype(x, mean, log_scale)
     xx = x.to(dtype)
     m, ls = _like_x(mean.to(dtype), "mean", xx), _like_x(log_scale.to(dtype), "log_scale", xx)
-    inv_scale = torch.exp(-ls)
-    logp = _log_interval_prob((xx - m) * inv_scale, _HALF_BIN * inv_scale,
-                              xx < -1.0 + _HALF_BIN, xx > 1.0 - _HALF_BIN)
+    lower_open, upper_open = xx < -1.0 + _HALF_BIN, xx > 1.0 - _HALF_BIN
+    point = ls == -math.inf  # a zero-width decoder: P = 1 if the mean falls in x's bin, else 0
+    inv_scale = torch.exp(-torch.where(point, 0.0, ls))
+    logp = _log_interval_prob((xx - m) * inv_scale, _HALF_BIN * inv_scale, lower_open, upper_open)
+    in_bin = (lower_open | (m >= xx - _HALF_BIN)) & (upper_open | (m < xx + _HALF_BIN))
+    logp = torch.where(point, torch.where(in_bin, 0.0, -math.inf), logp)
     return logp.clamp(min=math.log(min_prob)) if min_prob > 0 else logp
 
 

@@ -514,3 +514,17 @@ def test_edm_precond_is_stable_for_huge_sigma_in_float32() -> None:
     torch.testing.assert_close(c_in, torch.tensor([1e-20, 2.0]), rtol=1e-6, atol=0)
     torch.testing.assert_close(c_skip, torch.tensor([0.25e-40, 1.0]), rtol=1e-4, atol=0)
     torch.testing.assert_close(c_noise, torch.tensor([math.log(1e20) / 4, math.log(1e-20) / 4]))
+
+
+def test_zero_width_decoder_is_its_limit() -> None:
+    """log_scale = -inf: P(x) = 1 when the mean is in x's bin, else 0 (floored at min_prob); never NaN."""
+    x = torch.tensor([[-1.0, 1 / 255, 1.0]])
+    mean_in = x + torch.tensor([[-0.5, 0.4, 0.9]]) / 255  # inside each bin (the edge bins are open)
+    mean_out = x + torch.tensor([[3.0, 1.5, -3.0]]) / 255
+    ls = torch.full_like(x, -INF)
+    assert E.discretized_gaussian_loglik(x, mean_in, ls).tolist() == [[0.0, 0.0, 0.0]]
+    assert E.discretized_gaussian_loglik(x, mean_out, ls, min_prob=0.0).tolist() == [[-INF] * 3]
+    assert E.decoder_nll(x, mean_in, torch.full_like(x, -INF)).tolist() == [0.0]
+    # a very narrow decoder approaches the same values
+    narrow = E.discretized_gaussian_loglik(x.double(), mean_in.double(), torch.full_like(x, -30.0).double())
+    assert narrow.abs().max().item() < 1e-12
