@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import torch
 from torch import Tensor
@@ -16,12 +17,49 @@ from torch import Tensor
 Scalar = float | int | Tensor
 
 
+_VALUE_CHECK_MODES = ("auto", "sync", "async", "off")
+_value_checks = os.environ.get("KDIFF_VALUE_CHECKS", "auto")
+
+
+def set_value_checks(mode: str) -> str:
+    """How NaN/inf/range checks of tensor *values* run; returns the previous mode.
+
+    ``"sync"``: read the verdict on the host and raise ``ValueError`` naming the argument (one device sync
+    per checked tensor on a GPU). ``"async"``: queue a device-side assertion with the same message
+    (``torch._assert_async``): no host sync, so a CUDA training step keeps the GPU fed, but a failure
+    surfaces later as a ``RuntimeError`` that ends the CUDA context. ``"off"``: no value checks.
+    ``"auto"`` (default): ``"sync"`` for CPU tensors, ``"async"`` for accelerator tensors. The environment
+    variable ``KDIFF_VALUE_CHECKS`` sets the initial mode. Shape, dtype and device checks always run.
+    """
+    global _value_checks
+    if mode not in _VALUE_CHECK_MODES:
+        raise ValueError(f"mode: expected one of {', '.join(_VALUE_CHECK_MODES)}, got {mode!r}")
+    previous, _value_checks = _value_checks, mode
+    return previous
+
+
+def _value_check_mode(t: Tensor | None) -> str:
+    """The mode for ``t``: 'off' while torch.compile traces and on the meta device (shapes, no values)."""
+    if (t is not None and t.device.type == "meta") or torch.compiler.is_compiling():
+        return "off"
+    mode = _value_checks
+    if mode == "auto":
+        return "sync" if t is None or t.device.type == "cpu" else "async"
+    return mode
+
+
 def _checking(t: Tensor | None = None) -> bool:
-    """Value checks (which sync the GPU) are skipped while torch.compile traces, and on the meta device
-    (which has shapes but no values)."""
-    if t is not None and t.device.type == "meta":
-        return False
-    return not torch.compiler.is_compiling()
+    """Whether a host-side (synchronizing) value check runs for ``t``."""
+    return _value_check_mode(t) == "sync"
+
+
+def _assert_queued(c: Tensor, bad: Tensor, message: str) -> bool:
+    """In 'async' mode, queue ``assert not bad.any()`` on the device and return True (nothing to do on the host).
+    Returns False when the caller must check on the host ('sync'), and True as well when checks are 'off'."""
+    mode = _value_check_mode(c)
+    if mode == "async":
+        torch._assert_async(~bad.any(), message)
+    return mode != "sync"
 
 
 def check_float(x: Tensor, name: str) -> Tensor:
@@ -68,9 +106,10 @@ def check_values(c: Tensor, name: str, *, posinf: bool = False, neginf: bool = F
 
     NaN is never a valid input. Infinities are legal only where the math defines the limit (a log-SNR of
     ``+inf`` is clean data, ``-inf`` pure noise); the caller says which with ``posinf`` / ``neginf``.
-    One device sync; skipped under torch.compile and on the meta device.
+    One device sync in 'sync' mode (see :func:`set_value_checks`); skipped under torch.compile and on the
+    meta device.
     """
-    if not _checking(c):
+    if _value_check_mode(c) == "off":
         return c
     if posinf and neginf:
         bad = torch.isnan(c)
@@ -80,9 +119,11 @@ def check_values(c: Tensor, name: str, *, posinf: bool = False, neginf: bool = F
         bad = torch.isnan(c) | (c == math.inf)
     else:
         bad = ~torch.isfinite(c)
+    allowed = {(False, False): "finite values", (True, False): "finite values or +inf",
+               (False, True): "finite values or -inf", (True, True): "values that are not NaN"}[(posinf, neginf)]
+    if _assert_queued(c, bad, f"{name}: expected {allowed}"):
+        return c
     if bool(bad.any()):
-        allowed = {(False, False): "finite values", (True, False): "finite values or +inf",
-                   (False, True): "finite values or -inf", (True, True): "values that are not NaN"}[(posinf, neginf)]
         raise ValueError(f"{name}: expected {allowed}, got {_describe_bad(c)}")
     return c
 
@@ -189,13 +230,17 @@ def check_range(c: Tensor, name: str, *, low: float | None = None, high: float |
     """ValueError naming ``name`` if any value is NaN or leaves [low, high] (``(low, high]`` if low_open).
 
     One device sync; skipped under torch.compile and on the meta device."""
-    if not _checking(c):
+    if _value_check_mode(c) == "off":
         return
     bad = torch.isnan(c)
     if low is not None:
         bad = bad | ((c <= low) if low_open else (c < low))
     if high is not None:
         bad = bad | (c > high)
+    lo_text = "" if low is None else f"{'>' if low_open else '>='} {low}"
+    hi_text = "" if high is None else f"<= {high}"
+    if _assert_queued(c, bad, f"{name}: expected values {' and '.join(p for p in (lo_text, hi_text) if p)}"):
+        return
     if not bool(bad.any()):
         return
     if bool(torch.isnan(c).any()):

@@ -284,7 +284,7 @@ def learned_logvar(v_raw: Tensor, logsnr_s: Scalar, logsnr_t: Scalar, *,
 
 def _check_step(ls: Tensor, lt: Tensor) -> None:
     """ValueError unless ``logsnr_t`` is finite and ``logsnr_s > logsnr_t`` (``+inf`` allowed for ``logsnr_s``)."""
-    if not _checking():
+    if not _checking(lt):
         return
     check_range(ls, "logsnr_s")
     if not torch.isfinite(lt).all():

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._util import Scalar, _checking, as_coef, check_float, check_same_shape, coef_dtype, per_sample
+from ._util import Scalar, _assert_queued, as_coef, check_float, check_same_shape, coef_dtype, per_sample
 
 __all__ = ["diffuse", "transition", "transition_logvar", "posterior", "posterior_logvar", "learned_range_logvar"]
 
@@ -34,7 +34,9 @@ def diffuse(x: Tensor, eps: Tensor, logsnr: Scalar) -> Tensor:
 
 def _check_order(ls: Tensor, lt: Tensor) -> None:
     """ValueError unless ``logsnr_s >= logsnr_t`` (a reversed pair would give a negative variance)."""
-    if _checking() and (ls < lt).any():
+    if _assert_queued(ls, ls < lt, "logsnr_s: expected logsnr_s >= logsnr_t"):
+        return
+    if (ls < lt).any():
         gap = (ls - lt).min().item()
         raise ValueError(f"logsnr_s: expected logsnr_s >= logsnr_t (s is the less noisy time), got "
                          f"min(logsnr_s - logsnr_t) = {gap:.6g}")

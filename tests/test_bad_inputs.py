@@ -528,3 +528,37 @@ def test_zero_width_decoder_is_its_limit() -> None:
     # a very narrow decoder approaches the same values
     narrow = E.discretized_gaussian_loglik(x.double(), mean_in.double(), torch.full_like(x, -30.0).double())
     assert narrow.abs().max().item() < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Value-check modes: 'async' queues the same verdict on the device (no host sync), 'off' skips it
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def value_checks():
+    from kdiff._util import set_value_checks
+
+    previous = set_value_checks("auto")
+    yield set_value_checks
+    set_value_checks(previous)
+
+
+def test_async_value_checks_raise_the_same_named_error_through_the_device_assert(value_checks):
+    x = torch.zeros(2, 3)
+    value_checks("async")
+    with pytest.raises(RuntimeError, match="^logsnr: expected values that are not NaN"):
+        P.diffuse(x, x, torch.tensor([0.0, math.nan]))
+    with pytest.raises(RuntimeError, match="^logsnr_s: expected logsnr_s >= logsnr_t"):
+        P.transition(torch.tensor([0.0, -1.0]), torch.tensor([-1.0, 0.0]))
+    assert torch.equal(P.diffuse(x, x, torch.tensor([0.0, 1.0])), torch.zeros(2, 3))
+
+
+def test_off_skips_value_checks_but_not_shape_checks(value_checks):
+    x = torch.zeros(2, 3)
+    value_checks("off")
+    assert torch.isnan(P.diffuse(x, x, torch.tensor([0.0, math.nan]))).any()
+    with pytest.raises(ValueError, match="^logsnr"):
+        P.diffuse(x, x, torch.zeros(3))
+    with pytest.raises(ValueError, match="^mode: expected one of"):
+        value_checks("fast")

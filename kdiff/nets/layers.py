@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import kernels
-from .._util import _checking, as_coef, check_float, check_generator, check_int, check_values
+from .._util import _assert_queued, as_coef, check_float, check_generator, check_int, check_values
 from ..kernels.attention import _MAX_HEAD_DIM
 
 __all__ = [
@@ -111,7 +111,9 @@ def _check_labels(labels: Tensor, *, num_classes: int, batch: int | None = None)
     if labels.ndim != 1 or (batch is not None and labels.shape[0] != batch):
         raise ValueError(f"labels: expected shape ({batch if batch is not None else 'B'},), "
                          f"got {tuple(labels.shape)}")
-    if _checking() and labels.numel() and (labels.min() < 0 or labels.max() > num_classes):
+    if labels.numel() and not _assert_queued(labels, (labels < 0) | (labels > num_classes),
+                                             f"labels: expected values in [0, {num_classes}]") \
+            and (labels.min() < 0 or labels.max() > num_classes):
         raise ValueError(f"labels: expected values in [0, {num_classes}] ({num_classes} = no label), "
                          f"got min {labels.min().item()}, max {labels.max().item()}")
 
