@@ -14,12 +14,16 @@ unused) and require ``H`` and ``W`` to divide by ``2^(len(weights) - 1)``.
 
 With ``S_l`` the ``k_l x k_l`` block *sums* of ``diff = pred - target`` and ``gamma_l = w_l / (H W 4^l)``:
 ``L_b = sum_l gamma_l ||S_l||^2`` and ``dL_b / dpred = 2 sum_l gamma_l S_l[y // k_l, x // k_l]``.
-The kernels compute both in one read of ``pred`` and ``target``; backward only scales the stored
-gradient by the upstream gradient (and skips that when it is 1).
+The kernels compute both in one read of ``pred`` and ``target``; backward scales the stored gradient
+by the upstream gradient, always, in one elementwise pass fused with the cast to ``pred``'s dtype (no
+host synchronization and no data-dependent branch, so forward and backward can be captured in a CUDA
+graph once warmed up).
 
 Loss: ``[B]`` in float32 (float64 for float64 inputs). Stored gradient: the input dtype, except float16,
 whose gradient is kept in float32: ``2 gamma_l`` is ~1e-7 at 256^2, below float16's smallest
-subnormal, so a loss-scaled backward would otherwise read zeros.
+subnormal, so a loss-scaled backward would otherwise read zeros. The stored gradient, and so the
+gradients returned, have ``pred``'s memory layout (``torch.empty_like(pred)``: channels_last stays
+channels_last, a non-dense view gives a contiguous gradient) on every backend and in the fake.
 """
 
 from __future__ import annotations
@@ -120,6 +124,11 @@ def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype
 
 
+def _empty_grad(pred: Tensor) -> Tensor:
+    """The stored gradient's buffer: ``_grad_dtype``, in ``pred``'s memory layout (``torch.empty_like``)."""
+    return torch.empty_like(pred, dtype=_grad_dtype(pred.dtype))
+
+
 # --------------------------------------------------------------------------------------------------
 # Reference
 # --------------------------------------------------------------------------------------------------
@@ -154,7 +163,7 @@ def _multiscale_mse_torch(pred: Tensor, target: Tensor, gammas: Sequence[float],
         loss = loss + gamma * sums.pow(2).sum(dim=(1, 2, 3))
         if write_grad:
             grad = grad + 2 * gamma * sums.repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1)
-    return loss, grad.to(_grad_dtype(pred.dtype))
+    return loss, (_empty_grad(pred).copy_(grad) if write_grad else grad.to(_grad_dtype(pred.dtype)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,12 +194,13 @@ if triton is not None:
     def _multiscale_mse_kernel(
         pred_ptr,      # *T  (B, C, H, W) with strides (s_pb, s_pc, s_ph, s_pw); T = fp16 | bf16 | fp32 | fp64
         target_ptr,    # *T  (B, C, H, W) with strides (s_tb, s_tc, s_th, s_tw)
-        grad_ptr,      # *G  (B, C, H, W) contiguous: dL_b / dpred, written iff WRITE_GRAD
+        grad_ptr,      # *G  (B, C, H, W) with strides (s_gb, s_gc, s_gh, s_gw): dL_b / dpred, written iff WRITE_GRAD
         partial_ptr,   # *ACC (B * C * n_tiles,): this program's share of L_b, slot = its linear program id
         gamma_ptr,     # *ACC (LEVELS,): gamma_l = w_l / (H W 4^l)
         C, H, W,       # channels, height, width
         s_pb, s_pc, s_ph, s_pw,
         s_tb, s_tc, s_th, s_tw,
+        s_gb, s_gc, s_gh, s_gw,
         LEVELS: tl.constexpr,      # number of levels; the coarsest cell is K x K, K = 2^(LEVELS - 1)
         BH: tl.constexpr,          # tile rows, a power-of-two multiple of K
         BW: tl.constexpr,          # tile columns, a power-of-two multiple of K
@@ -222,7 +232,7 @@ if triton is not None:
         n_h, n_w = tl.num_programs(1), tl.num_programs(2)
         tl.store(partial_ptr + (pid_bc * n_h + pid_h) * n_w + pid_w, loss)
         if WRITE_GRAD:
-            g_offs = ((b * C + c) * H + rows[:, None].to(tl.int64)) * W + cols[None, :]
+            g_offs = b * s_gb + c * s_gc + rows[:, None].to(tl.int64) * s_gh + cols[None, :] * s_gw
             tl.store(grad_ptr + g_offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -255,10 +265,10 @@ def _multiscale_mse_triton(pred: Tensor, target: Tensor, gammas: Sequence[float]
     acc = _acc_dtype(pred.dtype)
     grid = (n_b * n_c, triton.cdiv(height, bh), triton.cdiv(width, bw))
     partial = torch.empty(grid[0] * grid[1] * grid[2], dtype=acc, device=pred.device)
-    grad = torch.empty(pred.shape if write_grad else (0,), dtype=_grad_dtype(pred.dtype), device=pred.device)
+    grad = _empty_grad(pred) if write_grad else pred.new_empty(0, dtype=_grad_dtype(pred.dtype))
     _multiscale_mse_kernel[grid](
         pred, target, grad, partial, _gamma_tensor(tuple(gammas), acc, pred.device),
-        n_c, height, width, *pred.stride(), *target.stride(),
+        n_c, height, width, *pred.stride(), *target.stride(), *(grad.stride() if write_grad else (0, 0, 0, 0)),
         LEVELS=levels, BH=bh, BW=bw, WRITE_GRAD=write_grad,
         ACC=tl.float64 if acc == torch.float64 else tl.float32,
     )
@@ -460,8 +470,11 @@ def _multiscale_mse_cpu(pred: Tensor, target: Tensor, gammas: Sequence[float],
         raise ValueError(f"pred: the numba backend needs CPU tensors, got device {pred.device}")
     n_b, n_c, height, _ = pred.shape
     acc = _acc_dtype(pred.dtype)
+    out = _empty_grad(pred) if write_grad else None
     pred, target = pred.detach().contiguous(), target.detach().contiguous()
-    grad = torch.empty(pred.shape if write_grad else (1, 1, 1, 1), dtype=_grad_dtype(pred.dtype))
+    # the kernel writes C-contiguous rows: straight into ``out`` when it is contiguous, else via a copy
+    grad = out if out is not None and out.is_contiguous() else torch.empty(
+        pred.shape if write_grad else (1, 1, 1, 1), dtype=_grad_dtype(pred.dtype))
     n_stripes = n_b * n_c * (height // 2 ** (len(gammas) - 1))
     partial = torch.empty(n_stripes, dtype=torch.float64)
     gamma = np.asarray(gammas, dtype=np.float64 if acc == torch.float64 else np.float32)
@@ -474,16 +487,18 @@ def _multiscale_mse_cpu(pred: Tensor, target: Tensor, gammas: Sequence[float],
         pool = _thread_pool(workers)
         for job in [pool.submit(_multiscale_mse_numba, *args, lo, hi) for lo, hi in zip(bounds, bounds[1:])]:
             job.result()
-    return partial.view(n_b, -1).sum(dim=1).to(acc), grad if write_grad else grad.new_empty(0)
+    if out is None:
+        return partial.view(n_b, -1).sum(dim=1).to(acc), grad.new_empty(0)
+    return partial.view(n_b, -1).sum(dim=1).to(acc), grad if grad is out else out.copy_(grad)
 
 
 # --------------------------------------------------------------------------------------------------
 # Custom op with autograd
 # --------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("kdiff::multiscale_mse", mutates_args=())
-def _multiscale_mse_op(pred: Tensor, target: Tensor, gammas: list[float], write_grad: bool) -> tuple[Tensor, Tensor]:
-    """``(L [B], dL/dpred (B, C, H, W) or empty)`` on the backend the dispatch rule picks."""
+def _multiscale_mse_impl(pred: Tensor, target: Tensor, gammas: Sequence[float],
+                         write_grad: bool) -> tuple[Tensor, Tensor]:
+    """``(L [B], dL/dpred (B, C, H, W) in pred's layout, or empty)`` on the backend the dispatch rule picks."""
     choice = backend(pred, has_numba=True)
     if choice == "triton":
         return _multiscale_mse_triton(pred, target, gammas, write_grad)
@@ -492,11 +507,32 @@ def _multiscale_mse_op(pred: Tensor, target: Tensor, gammas: list[float], write_
     return _multiscale_mse_torch(pred, target, gammas, write_grad)
 
 
+@torch.library.custom_op("kdiff::multiscale_mse", mutates_args=())
+def _multiscale_mse_op(pred: Tensor, target: Tensor, gammas: list[float], write_grad: bool) -> tuple[Tensor, Tensor]:
+    """``(L [B], dL/dpred (B, C, H, W) in pred's layout, or empty)`` on the backend the dispatch rule picks."""
+    return _multiscale_mse_impl(pred, target, gammas, write_grad)
+
+
 @_multiscale_mse_op.register_fake
 def _(pred: Tensor, target: Tensor, gammas: list[float], write_grad: bool) -> tuple[Tensor, Tensor]:
     loss = pred.new_empty(pred.shape[0], dtype=_acc_dtype(pred.dtype))
-    grad = pred.new_empty(pred.shape if write_grad else (0,), dtype=_grad_dtype(pred.dtype))
+    grad = _empty_grad(pred) if write_grad else pred.new_empty(0, dtype=_grad_dtype(pred.dtype))
     return loss, grad
+
+
+def _scaled(grad: Tensor, grad_loss: Tensor, dtype: torch.dtype, *, negate: bool) -> Tensor:
+    """``(+-grad_loss[b]) * grad`` cast to ``dtype``, in ``grad``'s layout: one elementwise kernel (``out=``)."""
+    scale = grad_loss.reshape(-1, 1, 1, 1)
+    return torch.mul(grad, scale.neg() if negate else scale, out=torch.empty_like(grad, dtype=dtype))
+
+
+def _input_grads(grad: Tensor, grad_loss: Tensor, dtype: torch.dtype,
+                 needs: tuple[bool, bool]) -> tuple[Tensor | None, Tensor | None]:
+    """``dL/dpred`` and ``dL/dtarget`` (where needed) from the stored gradient; no host sync, no branch on data."""
+    if grad.numel() == 0:
+        raise RuntimeError("multiscale_mse: backward through a call made without gradients enabled")
+    return (_scaled(grad, grad_loss, dtype, negate=False) if needs[0] else None,
+            _scaled(grad, grad_loss, dtype, negate=True) if needs[1] else None)
 
 
 def _setup_context(ctx: FunctionCtx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
@@ -507,26 +543,33 @@ def _setup_context(ctx: FunctionCtx, inputs: tuple, output: tuple[Tensor, Tensor
     ctx.set_materialize_grads(False)  # no zeros for the gradient output's (absent) upstream gradient
 
 
-def _is_one(grad_loss: Tensor) -> bool:
-    """True when every upstream gradient is 1 (a ``.sum()``); never assumed while compiling."""
-    return not torch.compiler.is_compiling() and bool((grad_loss == 1).all())
-
-
 def _backward(ctx: FunctionCtx, grad_loss: Tensor | None,
               _grad_grad: Tensor | None) -> tuple[Tensor | None, Tensor | None, None, None]:
-    (grad,) = ctx.saved_tensors
     if grad_loss is None:
         return None, None, None, None
-    if grad.numel() == 0:
-        raise RuntimeError("multiscale_mse: backward through a call made without gradients enabled")
-    if not _is_one(grad_loss):
-        grad = grad * grad_loss.reshape(-1, 1, 1, 1)
-    grad = grad.to(ctx.pred_dtype)
-    need_pred, need_target = ctx.needs_input_grad[:2]
-    return grad if need_pred else None, -grad if need_target else None, None, None
+    (grad,) = ctx.saved_tensors
+    return (*_input_grads(grad, grad_loss, ctx.pred_dtype, ctx.needs_input_grad[:2]), None, None)
 
 
 _multiscale_mse_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _MultiscaleMSE(torch.autograd.Function):
+    """Eager autograd over the same launchers: the custom op's Python dispatch costs more host time than
+    the kernel takes on a GPU, so eager calls skip it (torch.compile traces the custom op instead)."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, pred: Tensor, target: Tensor, gammas: Sequence[float], write_grad: bool) -> Tensor:
+        loss, grad = _multiscale_mse_impl(pred.detach(), target.detach(), gammas, write_grad)
+        ctx.pred_dtype = pred.dtype
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: FunctionCtx, grad_loss: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        (grad,) = ctx.saved_tensors
+        return (*_input_grads(grad, grad_loss, ctx.pred_dtype, ctx.needs_input_grad[:2]), None, None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -553,5 +596,6 @@ def multiscale_mse(pred: Tensor, target: Tensor, *, base: int = 32,
     height, width = pred.shape[-2:]
     gammas = level_gammas(height, width, multiscale_weights(height, width, base=base, weights=weights))
     write_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
-    loss, _ = _multiscale_mse_op(pred, target, gammas, write_grad)
-    return loss
+    if torch.compiler.is_compiling():
+        return _multiscale_mse_op(pred, target, gammas, write_grad)[0]
+    return _MultiscaleMSE.apply(pred, target, gammas, write_grad)
