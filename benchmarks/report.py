@@ -86,6 +86,30 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
         return None
 
 
+def gpu_busy_us(fn: Callable[[], object], *, kernel: str | None = None, calls: int = 20) -> tuple[float, float | None]:
+    """``(GPU busy us per call, us per call of kernels whose name contains kernel)`` from the CUDA profiler.
+
+    Busy time is the sum of the device durations of every kernel and memcpy/memset ``fn`` launches
+    (idle gaps between them excluded): compare it with the wall time of ``fn`` to see host overhead.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    busy = named = 0.0
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        busy += event.device_time
+        if kernel is not None and kernel in event.name:
+            named += event.device_time
+    return busy / calls, (named / calls if kernel is not None else None)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -171,7 +171,9 @@ def test_numba_matches_reference(monkeypatch, dtype, shape, base):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape, base", [((1, 1, 8, 8), 2), ((2, 3, 12, 24), 2), ((1, 3, 32, 32), 32),
-                                         ((1, 1, 64, 64), 32)])
+                                         ((1, 1, 64, 64), 32),
+                                         ((2, 1, 8, 320), 2),    # several column chunks, the last one ragged
+                                         ((1, 2, 64, 64), 1)])   # 64 x 64 coarsest cells: rows spread over warps
 def test_triton_matches_reference(monkeypatch, dtype, shape, base):
     device = _use(monkeypatch, "triton")
     gen = torch.Generator().manual_seed(2)
