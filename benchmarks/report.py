@@ -14,17 +14,33 @@ The measuring functions here are shared by the per-op modules.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import importlib
+import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 OPS = ("multiscale", "attention")
+
+
+@contextlib.contextmanager
+def forced_backend(name: str) -> Iterator[None]:
+    """``KDIFF_KERNELS=name`` for the duration (restored afterwards)."""
+    old = os.environ.get("KDIFF_KERNELS")
+    os.environ["KDIFF_KERNELS"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["KDIFF_KERNELS"]
+        else:
+            os.environ["KDIFF_KERNELS"] = old
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, *, repeats: int = 10) -> float:

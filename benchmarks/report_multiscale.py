@@ -13,14 +13,12 @@ kernel's own time and its bandwidth (pred + target read, gradient written) as a 
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from kdiff.kernels import multiscale_mse, multiscale_mse_ref
 
-from .report import copy_bandwidth, gpu_busy_us, peak_memory_bytes, time_ms
+from .report import copy_bandwidth, forced_backend, gpu_busy_us, peak_memory_bytes, time_ms
 
 TITLE = "Multiscale loss (simple diffusion), forward + backward, base 32"
 SHAPES = [(64, 3, 64), (32, 3, 256), (8, 3, 512)]  # (B, C, d)
@@ -30,20 +28,6 @@ BASE = 32
 
 def providers(device: torch.device) -> list[str]:
     return ["triton" if device.type == "cuda" else "numba", "torch", "compile"]
-
-
-@contextlib.contextmanager
-def forced_backend(name: str) -> Iterator[None]:
-    """``KDIFF_KERNELS=name`` for the duration (restored afterwards)."""
-    old = os.environ.get("KDIFF_KERNELS")
-    os.environ["KDIFF_KERNELS"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["KDIFF_KERNELS"]
-        else:
-            os.environ["KDIFF_KERNELS"] = old
 
 
 def _ref(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
