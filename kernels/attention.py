@@ -17,10 +17,13 @@ accumulates in float32; its operands are fp16/bf16 for fp16/bf16 inputs. float32
 ``torch.get_float32_matmul_precision()``: ``"highest"`` (torch's default) gives IEEE float32 dots,
 ``"high"``/``"medium"`` TF32 tensor-core dots (10-bit mantissas), as torch's own matmuls do.
 
-The backward pass has no atomics, so it is deterministic: one kernel owns a key block and loops
-over query blocks (dk, dv), another owns a query block and loops over key blocks (dq). Block sizes
-are autotuned on the first call per (N, D, dtype) on a GPU (seconds; warm up before capturing CUDA
-graphs).
+The backward pass has no atomics, so it is deterministic, and takes two launches: first a kernel
+that owns a query block, computes its ``delta`` from its own O and dO rows (no separate pre-pass) and
+loops over key blocks (dq), then one that owns a key block and loops over query blocks (dk, dv),
+reading that ``delta``. The kernels take any B, H, N strides with unit stride along D, so views of a
+fused qkv projection are not copied. Block sizes are autotuned on the first call per (N, D, dtype) on
+a GPU (seconds; warm up before capturing CUDA graphs). On CUDA, sequences shorter than
+``sdpa_below()`` (default 1024) go to ``F.scaled_dot_product_attention`` (see :func:`attention`).
 """
 
 from __future__ import annotations
@@ -314,14 +317,18 @@ def _attention_bwd_dkdv_kernel(
 # tensor-core operands, "tf32" for float32 on TF32 tensor cores (twice the bytes and registers),
 # "fma" for float32 IEEE dots on the CUDA cores (register-bound, so small tiles); "64" for D <= 64,
 # "128" for 64 < D <= 128. Each listed config was compiled for sm_90 (Triton 3.9, ragged-N variant)
-# and needs no stack: no register spills.
+# and needs no stack: no register spills (the mma16-128 additions were checked with the strided
+# kernels, even and ragged N; a 256-query, 16-warp forward spilled and is left out). These tables are
+# the CUDA autotune space; the interpreter runs one config.
 _CONFIGS = {
     # Forward: 128 queries per program on 1-2 warpgroups, key blocks of 64/128 pipelined 2-4 deep.
     "fwd": {
         "mma16-64": [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4),
                      (64, 64, 4, 3), (64, 128, 4, 3)],
         "mma16-128": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3),
-                      (64, 128, 4, 3)],
+                      (64, 128, 4, 3),
+                      # Hopper candidates for the D = 128 gap: shallower / deeper pipelines, narrower key steps
+                      (128, 64, 8, 2), (128, 64, 8, 5), (128, 32, 8, 3), (128, 32, 8, 4), (64, 64, 4, 4)],
         "tf32-64": [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3)],
         "tf32-128": [(64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3)],
         "fma-64": [(32, 32, 4, 2), (32, 64, 4, 2), (16, 32, 4, 2)],
@@ -331,7 +338,8 @@ _CONFIGS = {
     "dkdv": {
         "mma16-64": [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3),
                      (64, 64, 8, 3)],
-        "mma16-128": [(32, 128, 8, 3), (32, 64, 4, 4), (64, 64, 8, 3), (32, 64, 4, 3), (16, 64, 4, 3)],
+        "mma16-128": [(32, 128, 8, 3), (32, 64, 4, 4), (64, 64, 8, 3), (32, 64, 4, 3), (16, 64, 4, 3),
+                      (64, 128, 8, 2), (32, 128, 8, 2), (16, 128, 8, 3), (32, 64, 4, 2)],
         "tf32-64": [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 8, 3)],
         "tf32-128": [(16, 64, 4, 3)],
         "fma-64": [(16, 32, 4, 2)],
@@ -341,7 +349,8 @@ _CONFIGS = {
     "dq": {
         "mma16-64": [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3),
                      (64, 64, 8, 3)],
-        "mma16-128": [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3), (64, 64, 8, 3)],
+        "mma16-128": [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3), (64, 64, 8, 3),
+                      (128, 64, 8, 2), (128, 32, 8, 4), (128, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2)],
         "tf32-64": [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 8, 3)],
         "tf32-128": [(128, 32, 8, 3), (64, 32, 4, 4), (64, 64, 8, 3), (64, 32, 8, 3)],
         "fma-64": [(32, 16, 4, 2), (32, 32, 4, 2), (64, 16, 4, 2)],
