@@ -373,17 +373,18 @@ def test_torch_compile_train_step_has_no_graph_break():
     torch.testing.assert_close(net.weight.grad, grad)
 
 
-@pytest.mark.parametrize("name", ["torch", "numba"])
+@pytest.mark.parametrize("name", ["torch", "numba", "triton"])
 def test_inductor_channels_last_gradient(monkeypatch, name):
     """Under inductor, a channels_last pred must not trip the stride assert on the op's gradient output,
     and the compiled loss and gradient equal eager ones."""
     import torch._dynamo
 
-    _use(monkeypatch, name)
+    device = _use(monkeypatch, name)
     gen = torch.Generator().manual_seed(6)
-    pred = torch.randn(2, 3, 16, 16, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_()
-    target = torch.randn(2, 3, 16, 16, generator=gen)
-    upstream = torch.tensor([0.5, 2.0])
+    pred = torch.randn(2, 3, 16, 16, generator=gen).to(device)
+    pred = pred.contiguous(memory_format=torch.channels_last).requires_grad_()
+    target = torch.randn(2, 3, 16, 16, generator=gen).to(device)
+    upstream = torch.tensor([0.5, 2.0], device=device)
 
     def step(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return (multiscale_mse(p * 2.0, t, base=4) * upstream).sum()
