@@ -27,7 +27,16 @@ BASE = 32
 
 
 def providers(device: torch.device) -> list[str]:
-    return ["triton" if device.type == "cuda" else "numba", "torch", "compile"]
+    """On CUDA also ``triton-graph``: the same fused step captured once in a CUDA graph and replayed (no
+    Python host work per step: the kernel's own cost, to set against ``triton``'s eager wall time)."""
+    if device.type == "cuda":
+        return ["triton", "triton-graph", "torch", "compile"]
+    return ["numba", "torch", "compile"]
+
+
+def backend_env(provider: str) -> str:
+    """The ``KDIFF_KERNELS`` value a provider runs under."""
+    return {"triton": "triton", "triton-graph": "triton", "numba": "numba"}.get(provider, "auto")
 
 
 def _ref(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -48,7 +57,7 @@ def inputs(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device
 
 def make_step(provider: str, pred: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
     """One forward + backward with ``provider``; compilation happens here, not in the timed step."""
-    loss_fn = {"triton": _fused, "numba": _fused, "torch": _ref, "compile": None}[provider]
+    loss_fn = {"triton": _fused, "triton-graph": _fused, "numba": _fused, "torch": _ref, "compile": None}[provider]
     if provider == "compile":
         loss_fn = torch.compile(_ref)
 
@@ -57,7 +66,19 @@ def make_step(provider: str, pred: torch.Tensor, target: torch.Tensor) -> Callab
         loss_fn(pred, target).sum().backward()
 
     step()
-    return step
+    if provider != "triton-graph":
+        return step
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    pred.grad = None
+    with torch.cuda.graph(graph):
+        loss_fn(pred, target).sum().backward()
+    return graph.replay
 
 
 def bytes_moved(pred: torch.Tensor) -> int:
@@ -77,10 +98,10 @@ def kernel_bytes(pred: torch.Tensor) -> int:
 def measure(provider: str, pred: torch.Tensor, target: torch.Tensor, *,
             repeats: int) -> tuple[float, int | None, tuple[float, float | None] | None]:
     """``(median ms, peak bytes, GPU (busy us, kernel us) or None)`` of one forward + backward with ``provider``."""
-    with forced_backend(provider if provider in ("triton", "numba") else "auto"):
+    with forced_backend(backend_env(provider)):
         step = make_step(provider, pred, target)
         ms = time_ms(step, pred.device, repeats=repeats)
-        busy = gpu_busy_us(step, kernel=KERNEL_NAME) if pred.is_cuda and provider == "triton" else None
+        busy = gpu_busy_us(step, kernel=KERNEL_NAME) if pred.is_cuda and provider.startswith("triton") else None
         pred.grad = None
         return ms, peak_memory_bytes(step, pred.device), busy
 

@@ -100,6 +100,12 @@ def level_gammas(height: int, width: int, weights: Sequence[float]) -> list[floa
     return [w / (height * width * 4.0**l) for l, w in enumerate(weights)]
 
 
+@functools.lru_cache(maxsize=256, typed=True)
+def _default_gammas(height: int, width: int, base: int) -> tuple[float, ...]:
+    """``level_gammas`` of the default weights, cached: the per-call host work of the common case."""
+    return tuple(level_gammas(height, width, multiscale_weights(height, width, base=base)))
+
+
 def _check_inputs(pred: Tensor, target: Tensor) -> None:
     check_float(pred, "pred")
     check_float(target, "target")
@@ -628,7 +634,10 @@ def multiscale_mse(pred: Tensor, target: Tensor, *, base: int = 32,
     """
     _check_inputs(pred, target)
     height, width = pred.shape[-2:]
-    gammas = level_gammas(height, width, multiscale_weights(height, width, base=base, weights=weights))
+    if weights is None and not torch.compiler.is_compiling():
+        gammas = list(_default_gammas(height, width, base))
+    else:
+        gammas = level_gammas(height, width, multiscale_weights(height, width, base=base, weights=weights))
     write_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
     if torch.compiler.is_compiling():
         return _multiscale_mse_op(pred, target, gammas, write_grad)[0]
