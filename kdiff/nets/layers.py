@@ -208,9 +208,25 @@ def check_image_input(x: Tensor, *, channels: int, factor: int, dtype: torch.dty
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 at least (float64 stays float64) [ADM], result in the input dtype."""
+    """GroupNorm with float32 statistics [ADM], result in the input dtype.
+
+    float16 and float32 inputs are normalized in float32 (float64 stays float64). bfloat16 inputs (bf16
+    autocast, where autocast itself would otherwise run group_norm in float32) go to torch's native
+    bfloat16 kernel with autocast off: its mean, variance and parameter-gradient sums accumulate in
+    float32, as the float32 path's do, and no float32 copy of the activations is written or read, forward
+    or backward. On CPU the kernel takes the float32 weight and bias as they are; CUDA's needs them in the
+    input's dtype, so there they are rounded to bfloat16 first, as autocast rounds every conv and linear
+    weight.
+    """
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.bfloat16:
+            w, b = self.weight, self.bias
+            if x.device.type != "cpu":  # CUDA's kernel needs the parameters in the input's dtype
+                w = None if w is None else w.to(x.dtype)
+                b = None if b is None else b.to(x.dtype)
+            with torch.autocast(x.device.type, enabled=False):
+                return F.group_norm(x, self.num_groups, w, b, self.eps)
         dtype = torch.promote_types(x.dtype, torch.float32)
         w = None if self.weight is None else self.weight.to(dtype)
         b = None if self.bias is None else self.bias.to(dtype)
