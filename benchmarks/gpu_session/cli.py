@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         steps = stage_fid.steps(session, work=work, inception=inception, smoke=args.smoke)
     try:
-        session.run_steps(steps)
+        session.run_steps(steps, shares=not args.smoke)
     finally:
         session.finish()
     print(f"{session.md_path}\n{session.json_path}")

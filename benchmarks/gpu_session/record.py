@@ -145,12 +145,15 @@ class Session:
         self.note("\n" + "\n\n".join(body) + "\n")
         return outcome
 
-    def run_steps(self, steps: Sequence[Step]) -> list[Outcome]:
-        """Run ``steps`` in order, step ``i`` with ``remaining * share_i / sum(later shares)`` seconds."""
+    def run_steps(self, steps: Sequence[Step], *, shares: bool = True) -> list[Outcome]:
+        """Run ``steps`` in order, step ``i`` with ``remaining * share_i / sum(later shares)`` seconds, or with all
+        that remains when not ``shares`` (smoke runs: their times say nothing about a GPU's); ``cap_s`` applies."""
         outcomes = []
         for i, step in enumerate(steps):
             later = sum(s.share for s in steps[i:])
-            budget = max(self.remaining(), 0.0) * step.share / later if later > 0 else 0.0
+            budget = max(self.remaining(), 0.0)
+            if shares:
+                budget = budget * step.share / later if later > 0 else 0.0
             if step.cap_s is not None:
                 budget = min(budget, step.cap_s)
             outcomes.append(self.run_step(step.name, step.run, budget))

@@ -301,10 +301,11 @@ class EDMRun:
             compile = False  # the compiled run died before saving anything: once more, eager
         ckpt = latest_checkpoint(self.run_dir)
         data = {"attempts": attempts, "clean_stop_flag": clean_stop, "plan": dataclasses.asdict(self.plan)}
-        stop = "the recipe's --max-seconds" if clean_stop else "the time guard (kill after the last checkpoint)"
+        stop = (f"the recipe's --max-seconds {attempts[-1]['max_seconds']:.0f}" if clean_stop
+                else "this command's time guard (killed after its last checkpoint)")
         md = (f"`recipes.edm --preset fashion`, {self.plan.net}, batch {self.plan.batch_size}, lr {self.plan.lr}, "
-              f"bf16 autocast, compile {attempts[-1]['compile']}; stopped by {stop} after {proc.seconds:.0f} s; "
-              f"newest checkpoint: {ckpt.name if ckpt else 'none'}")
+              f"bf16 autocast on CUDA, compile {attempts[-1]['compile']}; wall-clock limit: {stop}; ran "
+              f"{proc.seconds:.0f} s in {len(attempts)} attempt(s); newest checkpoint: {ckpt.name if ckpt else 'none'}")
         if ckpt is None:
             return Outcome("failed", md, data, f"no checkpoint written\n{tail(proc.output)}")
         self.state["checkpoint"] = str(ckpt)

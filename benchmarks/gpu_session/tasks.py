@@ -175,9 +175,16 @@ def export_ema(*, run_dir: str, out: str, max_mib: float = 16.0) -> dict[str, An
     if ckpt is None:
         raise FileNotFoundError(f"run_dir: no ckpt-*.pt in {run_dir!r}: training saved nothing")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    def half(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+
     big = {"model", "optimizer", "sampler", "generator", "rng"}  # training state, not needed to sample
     small = {k: v for k, v in state.items() if k not in big}
-    small["ema"] = {k: v.half() if v.is_floating_point() else v for k, v in state["ema"].items()}
+    small["ema"] = half(state["ema"])
+    if state.get("extra_models"):  # a recipe's further models: their EMA (or weights) only, in float16 too
+        small["extra_models"] = {name: {"ema": half(m["ema"]) if m.get("ema") is not None else None,
+                                        "model": half(m["model"]) if m.get("ema") is None else None}
+                                 for name, m in state["extra_models"].items()}
     out_path = Path(out)
     torch.save(small, out_path)
     mib = out_path.stat().st_size / 2**20
