@@ -298,6 +298,7 @@ def _scripted_conv(dtype):
     return torch.jit.script(net.to(dtype))
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.save.*:DeprecationWarning")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_load_inception_from_path_runs_float32_whatever_is_stored(tmp_path, dtype):
     stored = _scripted_conv(dtype)
@@ -312,6 +313,7 @@ def test_load_inception_from_path_runs_float32_whatever_is_stored(tmp_path, dtyp
         np.testing.assert_allclose(net(x).double().numpy(), ref.numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.save.*:DeprecationWarning")
 def test_inception_source_order_and_errors(tmp_path, monkeypatch):
     path = tmp_path / "copy.pt"
     torch.jit.save(_scripted_conv(torch.float16), str(path))
@@ -346,6 +348,7 @@ def test_sha1_checked_for_the_wheel_only(monkeypatch):
     metrics.load_inception(wheel)  # the same file named by path: not checked
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.save.*:DeprecationWarning")
 def test_float16_inception_copy_gives_nearly_the_same_features(net, few_images, features, tmp_path):
     path = tmp_path / "inception-fp16.pt"
     torch.jit.save(metrics.load_inception().half(), str(path))  # how an offline copy is packed: half the bytes

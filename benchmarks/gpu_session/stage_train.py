@@ -36,8 +36,8 @@ class EDMPlan:
     image_size: int | None = None  # None: the preset's 32 (28x28 padded)
     batch_size: int = 1024  # 4x the preset: the step is launch-bound at 256, so 4x the images cost ~1.3x the time
     lr: float = 2e-3  # sqrt(4) x the preset's 1e-3 for 4x the batch (Adam)
-    warmup_steps: int = 200  # ~8% of the ~2,500 steps the budget allows
-    dropout: float = 0.0  # ~40 epochs: underfitting, not overfitting, limits the FID
+    warmup_steps: int = 200  # ~10% of the ~2,000 steps the budget should allow
+    dropout: float = 0.0  # ~30 epochs: underfitting, not overfitting, limits the FID
     compile: bool = True  # torch.compile of the network (retried without it if the compiled run dies early)
     num_workers: int = 8  # DataLoader processes (16 cores)
     checkpoint_every: int = 200  # the time guard's loss is at most this many steps
