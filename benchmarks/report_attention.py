@@ -19,11 +19,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from kdiff.kernels import attention, attention_ref
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.report import forced_backend, time_ms
+from kdiff.kernels import attention, attention_ref
 
 TITLE = "Attention, forward and forward+backward: Triton flash-attention vs PyTorch SDPA backends"
 

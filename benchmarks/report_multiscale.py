@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
 from kdiff.kernels import multiscale_mse, multiscale_mse_ref
 
 from .report import copy_bandwidth, forced_backend, gpu_busy_us, peak_memory_bytes, time_ms

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kdiff.kernels import attention_ref
 
 from benchmarks import report_attention as report
 from benchmarks.report import forced_backend, peak_memory_bytes, time_ms
+from kdiff.kernels import attention_ref
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32

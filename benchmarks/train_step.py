@@ -27,10 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from kdiff.nets import build
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.report import forced_backend
+from kdiff.nets import build
 
 NETS = {"unet_fashion": 256, "ddpm_cifar10": 128}  # network config -> its preset's batch on a GPU
 CPU_BATCH = 2

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kdiff.kernels import attention, attention_ref
 
 attention_module = importlib.import_module("kdiff.kernels.attention")

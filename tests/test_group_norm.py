@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kdiff.nets import GroupNorm32
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from kdiff.nets import GroupNorm32
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kdiff.kernels import multiscale as ms
 from kdiff.kernels import multiscale_mse, multiscale_mse_ref
 
