@@ -8,7 +8,7 @@ training-step table of ``benchmarks/report_train.py``: images/s and the fraction
 peak for ``unet_fashion`` (batch 256 on a GPU) and ``ddpm_cifar10`` (batch 128); ``--variants`` takes
 ``eager`` or ``+``-joined options from ``bf16``, ``cl`` (channels_last), ``fused`` (fused AdamW),
 ``compile`` (torch.compile of the network), default ``eager,bf16,bf16+cl+fused,bf16+cl+fused+compile``
-on a GPU and ``eager,cl+fused`` (toy size) on a CPU. The GPU session runs, for example::
+on a GPU and ``eager,cl+fused`` (toy size) on a CPU. A full GPU run, for example::
 
     python -m benchmarks.report --op all
     python -m benchmarks.report --op train
