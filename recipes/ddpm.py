@@ -184,19 +184,22 @@ class ChainBits(NamedTuple):
 
 @torch.no_grad()
 def chain_bits_per_dim(net: TimeNet, x: Tensor, logsnrs: Tensor, *, variance: str = "small",
-                       learn_variance: bool = False, batch_size: int = 4096, seed: int = 0,
-                       progress: bool = False) -> ChainBits:
+                       learn_variance: bool = False, clip_denoised: bool = True, batch_size: int = 4096,
+                       seed: int = 0, progress: bool = False) -> ChainBits:
     """Test bits/dim by the exact whole-chain bound (:func:`kdiff.elbo.vlb` over all ``T`` steps, every image of a
     batch evaluated together at each step), with both decoder CDFs from one pass: the tanh ``L_0`` is recomputed
     at the same ``z_1``. ``x (N, C, H, W)`` on the 256-level grid; ``variance`` as in :func:`kdiff.elbo.vlb_model`;
-    a learned network evaluated with a fixed variance drops its variance channels."""
+    a learned network evaluated with a fixed variance drops its variance channels. ``clip_denoised`` clamps the
+    predicted x0 to [-1, 1] inside the model mean, as DDPM's and iDDPM's bits/dim evaluations do (their
+    ``calc_bpd_loop(clip_denoised=True)``): without it the last steps of a chain whose ``alpha_T`` is tiny (the
+    capped cosine table: ``alpha_T ~ 5e-5``) amplify any eps error into a huge x0 error and dominate the bound."""
     C = x.shape[1]
     if learn_variance and variance != "learned":
         def base(z: Tensor, c: Tensor) -> Tensor:
             return net(z, c)[:, :C]
     else:
         base = net
-    model_fn = elbo.vlb_model(base, logsnrs, variance=variance)
+    model_fn = elbo.vlb_model(base, logsnrs, variance=variance, clip_denoised=clip_denoised)
     gen = torch.Generator(x.device).manual_seed(seed)
     sums = torch.zeros(5, dtype=torch.float64)
     first: dict[str, tuple[Tensor, Tensor]] = {}
@@ -222,10 +225,11 @@ def chain_bits_per_dim(net: TimeNet, x: Tensor, logsnrs: Tensor, *, variance: st
 
 @torch.no_grad()
 def estimate_bits_per_dim(net: TimeNet, x: Tensor, logsnrs: Tensor, *, k: int, variance: str = "small",
-                          learn_variance: bool = False, seed: int = 0) -> tuple[float, float]:
+                          learn_variance: bool = False, clip_denoised: bool = True,
+                          seed: int = 0) -> tuple[float, float]:
     """``(bits/dim, standard error)`` by :func:`kdiff.elbo.vlb_estimate`: ``k`` random steps per image."""
     C = x.shape[1]
     base = (lambda z, c: net(z, c)[:, :C]) if learn_variance and variance != "learned" else net
-    est = elbo.vlb_estimate(elbo.vlb_model(base, logsnrs, variance=variance), x, logsnrs, k=k,
-                            generator=torch.Generator(x.device).manual_seed(seed))
+    model_fn = elbo.vlb_model(base, logsnrs, variance=variance, clip_denoised=clip_denoised)
+    est = elbo.vlb_estimate(model_fn, x, logsnrs, k=k, generator=torch.Generator(x.device).manual_seed(seed))
     return est.summary()
