@@ -74,6 +74,38 @@ def timesteps_from_uniform(u: Tensor, T: int, probs: Tensor | None = None) -> Te
     return torch.searchsorted(cdf / cdf[-1], u.to(torch.float64).to(cdf.device), right=True).clamp(0, T - 1)
 
 
+class LossHistory:
+    """iDDPM's loss-aware timestep sampler state [iDDPM Sec. 3.3]: the last ``K`` values of every term ``L_t``.
+
+    ``probs()`` is :func:`kdiff.elbo.importance_probs` (uniform until every row holds ``K`` values), ``push``
+    appends a batch's detached terms (:func:`kdiff.elbo.push_loss_history`). Kept on the CPU in float64; its
+    ``state_dict`` round-trips bitwise, so a resumed run draws the same steps as an uninterrupted one.
+    """
+
+    def __init__(self, T: int, k: int = 10, *, uniform_prob: float = 0.001):
+        self.values = torch.zeros(T, k, dtype=torch.float64)
+        self.counts = torch.zeros(T, dtype=torch.int64)
+        self.uniform_prob = uniform_prob
+
+    def probs(self) -> Tensor:
+        return elbo.importance_probs(self.values, self.counts, uniform_prob=self.uniform_prob)
+
+    def push(self, t: Tensor, terms: Tensor) -> None:
+        self.values, self.counts = elbo.push_loss_history(self.values, self.counts, t.cpu(),
+                                                          terms.detach().to(torch.float64).cpu())
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"values": self.values.clone(), "counts": self.counts.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        values, counts = state["values"], state["counts"]
+        if values.shape != self.values.shape or counts.shape != self.counts.shape:
+            raise ValueError(f"loss history: expected shapes {tuple(self.values.shape)} and {tuple(self.counts.shape)} "
+                             f"(T, K), got {tuple(values.shape)} and {tuple(counts.shape)}")
+        self.values = values.to(torch.float64).clone()
+        self.counts = counts.to(torch.int64).clone()
+
+
 # ----------------------------------------------------------------------------------------------
 # Losses
 

@@ -181,3 +181,19 @@ def test_mlp_shapes_zero_output_and_bad_input():
         net(x, 1.0, torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="width: expected an int >= 1"):
         nets.build("mlp_digits", width=0)
+
+
+def test_loss_history_is_uniform_until_full_then_follows_the_second_moment_and_round_trips():
+    h = ddpm.LossHistory(4, k=2, uniform_prob=0.0)
+    h.push(torch.tensor([0, 1, 2, 3, 0, 1, 2]), torch.tensor([1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0]))
+    torch.testing.assert_close(h.probs(), torch.full((4,), 0.25, dtype=F64))  # row 3 holds one value only
+    h.push(torch.tensor([3]), torch.tensor([4.0]))
+    torch.testing.assert_close(h.probs(), torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=F64) / 10)
+    h.push(torch.tensor([0]), torch.tensor([7.0]))  # the oldest value of row 0 drops out: rms(1, 7) = 5
+    assert h.values[0].tolist() == [1.0, 7.0]
+    torch.testing.assert_close(h.probs(), torch.tensor([5.0, 2.0, 3.0, 4.0], dtype=F64) / 14)
+    other = ddpm.LossHistory(4, k=2, uniform_prob=0.0)
+    other.load_state_dict(h.state_dict())
+    assert torch.equal(other.probs(), h.probs()) and torch.equal(other.counts, h.counts)
+    with pytest.raises(ValueError, match=r"loss history: expected shapes \(5, 2\)"):
+        ddpm.LossHistory(5, k=2).load_state_dict(h.state_dict())
