@@ -76,7 +76,7 @@ CONFIGS: dict[str, UNetConfig | UViTConfig | ClassifierConfig | MLPConfig] = {
                             head_channels=8, dropout=0.0, norm_groups=8, num_classes=10),
     "uvit_fashion": UViTConfig(image_size=32, in_channels=1, channels=(64, 128), conv_dropout=(0.0, 0.1), width=256,
                                depth=6, head_channels=64, dropout=0.1, num_classes=10),
-    "mlp_digits": MLPConfig(image_size=8, in_channels=1, width=512, depth=3),
+    "mlp_digits": MLPConfig(image_size=8, in_channels=1, width=256, depth=3),
     "classifier_tiny": ClassifierConfig(image_size=8, channels=16, channel_mult=(1, 2), num_blocks=1,
                                         attn_resolutions=(4,), num_heads=2, norm_groups=8, adagn=True, biggan=True,
                                         num_classes=10),
