@@ -197,3 +197,61 @@ def test_loss_history_is_uniform_until_full_then_follows_the_second_moment_and_r
     assert torch.equal(other.probs(), h.probs()) and torch.equal(other.counts, h.counts)
     with pytest.raises(ValueError, match=r"loss history: expected shapes \(5, 2\)"):
         ddpm.LossHistory(5, k=2).load_state_dict(h.state_dict())
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe end to end (tiny): train, evaluate, resume bitwise with the importance sampler on
+
+
+@pytest.fixture
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the digits are packed under ./data on first use
+    torch.set_num_threads(1)  # bitwise resume on a CPU holds at one thread count
+
+
+def _tiny(tmp_path, **kw):
+    import dataclasses
+
+    base = dict(out_dir=str(tmp_path / "run"), net_channels=32, T=4, sample_steps=4, steps=6, batch_size=16,
+                log_every=3, checkpoint_every=3, grid_samples=4, eval_samples=0, eval_images=20, progress=False,
+                objective="vlb", timestep_sampler="importance")
+    return dataclasses.replace(ddpm.PRESETS["digits"], **{**base, **kw})
+
+
+@pytest.mark.usefixtures("_in_tmp")
+def test_resume_is_bitwise_with_the_importance_sampler(tmp_path):
+    import dataclasses
+
+    from recipes.checkpoints import load_checkpoint
+
+    config = _tiny(tmp_path)
+    scores = ddpm.RECIPE.run(config)
+    assert math.isfinite(scores["test_bits_per_dim"]) and scores["test_bits_per_dim_tanh_cdf"] != scores[
+        "test_bits_per_dim"]
+    final = load_checkpoint(tmp_path / "run" / "ckpt-00000006.pt")
+    history = final["recipe_state"]["loss_history"]
+    assert (history["counts"] == 10).all()  # every row full: the last steps drew t by importance
+    more = dataclasses.replace(config, out_dir=str(tmp_path / "run2"), eval_bits=False)
+    ddpm.RECIPE.run(dataclasses.replace(more, steps=3))
+    with pytest.warns(UserWarning, match="steps"):
+        ddpm.RECIPE.run(more, resume=tmp_path / "run2" / "ckpt-00000003.pt")
+    resumed = load_checkpoint(tmp_path / "run2" / "ckpt-00000006.pt")
+    for k, v in final["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+    for k, v in history.items():
+        assert torch.equal(v, resumed["recipe_state"]["loss_history"][k]), k
+
+
+@pytest.mark.usefixtures("_in_tmp")
+def test_digits_run_samples_and_scores_and_bad_flags(tmp_path, capsys):
+    config = _tiny(tmp_path, objective="hybrid", timestep_sampler="uniform", T=20, sample_steps=5, steps=2,
+                   checkpoint_every=2, eval_samples=16, eval_bits=False)
+    scores = ddpm.RECIPE.run(config)
+    assert math.isfinite(scores["digits_fd"]) and (tmp_path / "run" / "samples.png").is_file()
+    assert ddpm.main(["--objective", "hybrid", "--no-learn-variance", "--variance", "small"]) == 2
+    assert "'hybrid' trains the learned variance" in capsys.readouterr().err
+    assert ddpm.main(["--solver", "heun"]) == 2
+    assert "expected 'ddpm' (ancestral) or 'ddim'" in capsys.readouterr().err
+    assert ddpm.main(["--timestep-sampler", "importance"]) == 2
+    assert "'importance' reweights L_vlb" in capsys.readouterr().err
+    assert ddpm.main(["--sample-steps", "2000"]) == 2
