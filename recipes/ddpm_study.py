@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                                   ancestral_steps=(100,), ddim_steps=()))
         (out / "study.json").write_text(json.dumps(result, indent=1))
     result["fd_real_train_floor"] = metrics.digits_frechet_floor()
+    (out / "study.json").write_text(json.dumps(result, indent=1))
     series = {}
     for name in configs:
         for row in result[name]["fd"]:
