@@ -86,7 +86,9 @@ class LossHistory:
 
     ``probs()`` is :func:`kdiff.elbo.importance_probs` (uniform until every row holds ``K`` values), ``push``
     appends a batch's detached terms (:func:`kdiff.elbo.push_loss_history`). Kept on the CPU in float64; its
-    ``state_dict`` round-trips bitwise, so a resumed run draws the same steps as an uninterrupted one.
+    ``state_dict`` round-trips bitwise, so a resumed run draws the same steps as an uninterrupted one. Under
+    DDP each process records its own share of the batch (iDDPM all-gathers the losses first; not done here), so
+    the draws depend on the number of processes.
     """
 
     def __init__(self, T: int, k: int = 10, *, uniform_prob: float = 0.001):
