@@ -51,7 +51,7 @@ from .checkpoints import (
     seed_globals,
     set_rng_state,
 )
-from .config import config_to_dict
+from .config import config_to_dict, run_local_fields
 from .distributed import Dist, Rand, ResumableBatchSampler, all_reduce, gather_objects, init_distributed, rank_seed
 from .grids import write_grid
 from .optim import autocast, ema_decay, ema_update, lr_at, make_optimizer, set_lr
@@ -263,12 +263,18 @@ def _restore(path: Path, *, main: _Member, extras: list[_Member], state: Mapping
     if sorted(ckpt["extra_models"]) != names or sorted(ckpt["recipe_state"]) != sorted(state):
         raise ValueError(f"resume: {str(path)!r} holds extra models {sorted(ckpt['extra_models'])} and recipe state "
                          f"{sorted(ckpt['recipe_state'])}; this run has {names} and {sorted(state)}")
-    changed = sorted(k for k, v in config_to_dict(config).items() if ckpt["config"].get(k, v) != v)
+    local = set(run_local_fields(type(config)))  # this run's own by design: not worth a warning
+    changed = sorted(k for k, v in config_to_dict(config).items() if ckpt["config"].get(k, v) != v and k not in local)
     if changed and dist.is_main:
         warnings.warn(f"resume: config fields differ from the checkpoint's: {changed}", stacklevel=3)
-    main.load({k: ckpt[k] for k in ("model", "ema", "optimizer")})
-    for member in extras:
-        member.load(ckpt["extra_models"][member.name])
+    try:
+        main.load({k: ckpt[k] for k in ("model", "ema", "optimizer")})
+        for member in extras:
+            member.load(ckpt["extra_models"][member.name])
+    except (RuntimeError, KeyError, ValueError) as e:
+        first = " ".join(str(e).strip().splitlines()[:2])[:300]
+        raise ValueError(f"resume: the weights in {str(path)!r} do not fit the network this config describes "
+                         f"({type(e).__name__}: {first})") from None
     for name, obj in state.items():
         obj.load_state_dict(ckpt["recipe_state"][name])
     sampler.load_state_dict(ckpt["sampler"])
