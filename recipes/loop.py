@@ -74,8 +74,9 @@ class Stateful(Protocol):
 class Trainable:
     """A further model trained on the same batches as the main one, with its own loss, optimizer and EMA.
 
-    ``optimizer`` defaults to the config's (``make_optimizer``); ``lr_fn(step)`` to the main model's schedule;
-    ``grad_clip`` to the config's. Its loss is logged as ``NAME/loss``.
+    ``optimizer_fn`` defaults to the config's optimizer (``make_optimizer``); ``lr_fn(step)`` sets the learning
+    rate each step; without it an ``optimizer_fn``'s own learning rate is kept as built, and with neither the
+    main model's schedule applies. ``grad_clip`` defaults to the config's. Its loss is logged as ``NAME/loss``.
     """
 
     module: nn.Module
@@ -190,7 +191,7 @@ class _Member:
     net: nn.Module
     loss_fn: LossFn
     optimizer: torch.optim.Optimizer
-    lr_fn: Callable[[int], float]
+    lr_fn: Callable[[int], float] | None  # None: keep the optimizer's own learning rate
     clip: float
     ema: nn.Module | None
     metrics: _Metrics
@@ -198,8 +199,11 @@ class _Member:
     def step(self, step: int, batch: Any, rand: Rand, *, device: torch.device, local_batch: int, bf16: bool
              ) -> tuple[Tensor, Tensor, Tensor, float]:
         """One optimizer step on ``mean(loss)``: (per-sample loss [b], position [b], grad norm before clipping, lr)."""
-        lr = self.lr_fn(step)
-        set_lr(self.optimizer, lr)
+        if self.lr_fn is not None:
+            lr = self.lr_fn(step)
+            set_lr(self.optimizer, lr)
+        else:
+            lr = float(self.optimizer.param_groups[0]["lr"])
         self.model.train()
         with autocast(device, enabled=bf16):
             loss, position = self.loss_fn(self.net, batch, rand)
@@ -344,7 +348,8 @@ def train(config: TrainConfig, *, model: nn.Module, loss_fn: LossFn, dataset: Da
         ema = copy.deepcopy(module).float().eval().requires_grad_(False) if with_ema else None
         optimizer = (make_opt or (lambda p: make_optimizer(p, config)))(module.parameters())
         clip = clip if clip is not None else config.grad_clip
-        return _Member(name, module, _wrap(module, config, dist), fn, optimizer, lr or lr_fn or schedule,
+        step_lr = lr if lr is not None else (None if make_opt is not None and name != "model" else lr_fn or schedule)
+        return _Member(name, module, _wrap(module, config, dist), fn, optimizer, step_lr,
                        clip if clip is not None else math.inf, ema, _Metrics(device))
 
     main = member("model", model, loss_fn, optimizer_fn, lr_fn, config.grad_clip, True)
