@@ -1,11 +1,23 @@
 """Markdown benchmark tables on whatever device this runs on.
 
     python -m benchmarks.report [--op multiscale|attention|all] [--quick] [--device cuda|cpu]
+    python -m benchmarks.report --op train [--nets unet_fashion,ddpm_cifar10] [--variants V1,V2,...] [--quick]
+
+``--op all`` (the default) prints the kernel tables (multiscale, attention). ``--op train`` prints the
+training-step table of ``benchmarks/report_train.py``: images/s and the fraction of the measured matmul
+peak for ``unet_fashion`` (batch 256 on a GPU) and ``ddpm_cifar10`` (batch 128); ``--variants`` takes
+``eager`` or ``+``-joined options from ``bf16``, ``cl`` (channels_last), ``fused`` (fused AdamW),
+``compile`` (torch.compile of the network), default ``eager,bf16,bf16+cl+fused,bf16+cl+fused+compile``
+on a GPU and ``eager,cl+fused`` (toy size) on a CPU. The GPU session runs, for example::
+
+    python -m benchmarks.report --op all
+    python -m benchmarks.report --op train
 
 Each op has a module ``benchmarks/report_<op>.py`` with ``TITLE: str`` and
-``rows(device, quick) -> (columns, rows)``. The header names the device, the date, the torch /
-triton / numba versions and the measured device copy bandwidth (the roofline of a memory-bound
-kernel): ``dst.copy_(src)`` of a large tensor, counted as bytes read + bytes written.
+``rows(device, quick) -> (columns, rows)`` (the train op also takes ``nets`` and ``variants``). The
+header names the device, the date, the torch / triton / numba versions and the measured device copy
+bandwidth (the roofline of a memory-bound kernel): ``dst.copy_(src)`` of a large tensor, counted as
+bytes read + bytes written.
 
 Timing: ``triton.testing.do_bench`` (median) on CUDA; the median of repeated host-clock runs on CPU.
 The measuring functions here are shared by the per-op modules.
@@ -14,17 +26,34 @@ The measuring functions here are shared by the per-op modules.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import importlib
+import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-OPS = ("multiscale", "attention")
+OPS = ("multiscale", "attention")  # --op all
+EXTRA_OPS = ("train",)  # only by name: minutes per table on a GPU with compilation
+
+
+@contextlib.contextmanager
+def forced_backend(name: str) -> Iterator[None]:
+    """``KDIFF_KERNELS=name`` for the duration (restored afterwards)."""
+    old = os.environ.get("KDIFF_KERNELS")
+    os.environ["KDIFF_KERNELS"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["KDIFF_KERNELS"]
+        else:
+            os.environ["KDIFF_KERNELS"] = old
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, *, repeats: int = 10) -> float:
@@ -86,6 +115,30 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
         return None
 
 
+def gpu_busy_us(fn: Callable[[], object], *, kernel: str | None = None, calls: int = 20) -> tuple[float, float | None]:
+    """``(GPU busy us per call, us per call of kernels whose name contains kernel)`` from the CUDA profiler.
+
+    Busy time is the sum of the device durations of every kernel and memcpy/memset ``fn`` launches
+    (idle gaps between them excluded): compare it with the wall time of ``fn`` to see host overhead.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    busy = named = 0.0
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        busy += event.device_time
+        if kernel is not None and kernel in event.name:
+            named += event.device_time
+    return busy / calls, (named / calls if kernel is not None else None)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -120,7 +173,7 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     return "\n".join(lines)
 
 
-def report(op: str, device: torch.device, *, quick: bool) -> str:
+def report(op: str, device: torch.device, *, quick: bool, **options: object) -> str:
     """The markdown section of one op, or a note when its report module does not exist."""
     module_name = f"benchmarks.report_{op}"
     try:
@@ -129,21 +182,29 @@ def report(op: str, device: torch.device, *, quick: bool) -> str:
         if err.name != module_name:
             raise
         return f"### {op}\n\n_skipped: benchmarks/report_{op}.py does not exist yet._"
-    columns, rows = module.rows(device, quick)
+    columns, rows = module.rows(device, quick, **options)
     return f"### {module.TITLE}\n\n{markdown_table(columns, rows)}"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--op", choices=(*OPS, "all"), default="all")
+    parser.add_argument("--op", choices=(*OPS, *EXTRA_OPS, "all"), default="all")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run, not for BENCHMARKS.md)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--nets", help="train: comma-separated network configs (default unet_fashion,ddpm_cifar10)")
+    parser.add_argument("--variants", help="train: comma-separated variants, e.g. eager,bf16+cl+fused+compile")
     args = parser.parse_args(argv)
+    if args.op != "train" and (args.nets or args.variants):
+        parser.error("--nets and --variants go with --op train")
     device = torch.device(args.device)
     print(header(device))
+    options = {}
+    if args.op == "train":
+        options = {"nets": args.nets.split(",") if args.nets else None,
+                   "variants": args.variants.split(",") if args.variants else None}
     for op in OPS if args.op == "all" else (args.op,):
         print()
-        print(report(op, device, quick=args.quick), flush=True)
+        print(report(op, device, quick=args.quick, **options), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 """Attention speed table: the Triton flash-attention kernel against PyTorch's attention backends.
 
 ``rows(device, quick)`` times forward and forward+backward at U-Net and U-ViT shapes, (B, H, N, D)
-with N in {64, 256, 1024, 4096} and D in {64, 128}, bf16, B*N = 16384 tokens and H*D = 2048 channels.
+with N in {64, 256, 1024, 4096} and D in {64, 128}, bf16, B*N = 16384 tokens and H*D = 2048 channels,
+plus (64, 8, 256, 64), the short-sequence case of the first H100 measurement. Providers on a GPU:
+``triton``, the kernel at every N (``KDIFF_KERNELS=triton``); ``kdiff-auto``, ``kdiff.kernels.attention``
+as shipped (SDPA below ``sdpa_below()``); ``sdpa``, PyTorch's own backend choice; each SDPA backend
+forced; the eager reference.
 FLOPs: ``4 B H N^2 D`` forward, 2.5 times that for the backward. On a GPU the times are medians of
 ``triton.testing.do_bench``; on a CPU (no Triton kernel there) only the eager reference and
 ``F.scaled_dot_product_attention`` run, at small N in float32, timed with the host clock.
@@ -19,7 +23,7 @@ from kdiff.kernels import attention, attention_ref
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks.report import time_ms
+from benchmarks.report import forced_backend, time_ms
 
 TITLE = "Attention, forward and forward+backward: Triton flash-attention vs PyTorch SDPA backends"
 
@@ -36,7 +40,7 @@ def attention_flops(b: int, h: int, n: int, d: int, *, backward: bool) -> float:
 def shapes(device: torch.device, quick: bool) -> list[tuple[int, int, int, int]]:
     """(B, H, N, D): 16384 tokens of 2048 channels on a GPU; small batches of short sequences on a CPU."""
     if device.type == "cuda":
-        return [(16384 // n, 2048 // d, n, d) for n in (64, 256, 1024, 4096) for d in (64, 128)]
+        return [(16384 // n, 2048 // d, n, d) for n in (64, 256, 1024, 4096) for d in (64, 128)] + [(64, 8, 256, 64)]
     return [(4, 4, n, 64) for n in ((64, 256) if quick else (64, 256, 1024))]
 
 
@@ -47,11 +51,16 @@ def _sdpa_with(backend: SDPBackend) -> Attn:
     return run
 
 
+def backend_env(provider: str) -> str:
+    """The ``KDIFF_KERNELS`` value a provider is timed under: ``triton`` forces the kernel at every N."""
+    return "triton" if provider == "triton" else "auto"
+
+
 def providers(device: torch.device) -> dict[str, Attn]:
     """The implementations compared: on a GPU the kernel, each SDPA backend and the eager reference."""
     if device.type == "cuda":
-        return {"triton": attention, **{name: _sdpa_with(b) for name, b in SDPA_BACKENDS.items()},
-                "reference": attention_ref}
+        return {"triton": attention, "kdiff-auto": attention, "sdpa": F.scaled_dot_product_attention,
+                **{name: _sdpa_with(b) for name, b in SDPA_BACKENDS.items()}, "reference": attention_ref}
     return {"reference": attention_ref, "sdpa": F.scaled_dot_product_attention}
 
 
@@ -100,9 +109,11 @@ def rows(device: torch.device, quick: bool) -> tuple[list[str], list[list[str]]]
             b, h, n, d = shape
             q, k, v, do = make_inputs(shape, device, dtype, backward=backward)
             skip_reference = device.type == "cuda" and quick and n >= 4096
-            ms = {name: None if name == "reference" and skip_reference
-                  else try_time_ms(step(fn, q, k, v, do, backward=backward), device, quick)
-                  for name, fn in impls.items()}
+            ms = {}
+            for name, fn in impls.items():
+                with forced_backend(backend_env(name)):
+                    ms[name] = None if name == "reference" and skip_reference else try_time_ms(
+                        step(fn, q, k, v, do, backward=backward), device, quick)
             flops = attention_flops(b, h, n, d, backward=backward)
             tflops = {name: None if t is None else flops / (t * 1e-3) / 1e12 for name, t in ms.items()}
             sdpa_best = max((tflops[s] for s in sdpa_names if tflops[s] is not None), default=None)

@@ -15,7 +15,7 @@ import torch
 from kdiff.kernels import attention_ref
 
 from benchmarks import report_attention as report
-from benchmarks.report import peak_memory_bytes, time_ms
+from benchmarks.report import forced_backend, peak_memory_bytes, time_ms
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -43,13 +43,14 @@ def test_attention(benchmark, provider: str, shape: tuple[int, int, int, int], b
         pytest.skip("the eager reference stores B*H*N^2 logits: tens of GB at N=4096")
     q, k, v, do = report.make_inputs(shape, DEVICE, DTYPE, backward=backward)
     run = report.step(PROVIDERS[provider], q, k, v, do, backward=backward)
-    try:
-        run()
-    except RuntimeError as err:  # an SDPA backend without a kernel for this shape, dtype or GPU
-        pytest.skip(f"{provider} cannot run {shape}: {str(err).splitlines()[0]}")
-    flops = report.attention_flops(b, h, n, d, backward=backward)
-    ms = time_ms(run, DEVICE)
-    peak = peak_memory_bytes(run, DEVICE) if DEVICE.type == "cuda" else None
-    benchmark.extra_info.update(median_ms=ms, tflops=flops / (ms * 1e-3) / 1e12, flops=flops,
-                                peak_memory_mb=None if peak is None else peak / 2**20)
-    benchmark.pedantic(_synchronized(run), rounds=20 if DEVICE.type == "cuda" else 5, warmup_rounds=2)
+    with forced_backend(report.backend_env(provider)):
+        try:
+            run()
+        except RuntimeError as err:  # an SDPA backend without a kernel for this shape, dtype or GPU
+            pytest.skip(f"{provider} cannot run {shape}: {str(err).splitlines()[0]}")
+        flops = report.attention_flops(b, h, n, d, backward=backward)
+        ms = time_ms(run, DEVICE)
+        peak = peak_memory_bytes(run, DEVICE) if DEVICE.type == "cuda" else None
+        benchmark.extra_info.update(median_ms=ms, tflops=flops / (ms * 1e-3) / 1e12, flops=flops,
+                                    peak_memory_mb=None if peak is None else peak / 2**20)
+        benchmark.pedantic(_synchronized(run), rounds=20 if DEVICE.type == "cuda" else 5, warmup_rounds=2)

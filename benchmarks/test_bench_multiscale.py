@@ -2,7 +2,8 @@
 
     python -m pytest benchmarks/test_bench_multiscale.py [--benchmark-json out.json]
 
-Providers: ``triton`` (CUDA only), ``numba`` (CPU only), ``torch`` (eager reference), ``compile``
+Providers: ``triton`` (CUDA only), ``triton-graph`` (the same step replayed from a CUDA graph), ``numba``
+(CPU only), ``torch`` (eager reference), ``compile``
 (``torch.compile`` of the reference). ``extra_info``: median ms (``triton.testing.do_bench`` on CUDA,
 host clock on CPU), achieved GB/s (inputs read once + gradient written once), the measured copy
 bandwidth of the device, and peak memory.
@@ -14,21 +15,21 @@ import pytest
 import torch
 
 from benchmarks.report import copy_bandwidth, peak_memory_bytes, time_ms
-from benchmarks.report_multiscale import DTYPES, SHAPES, bytes_moved, forced_backend, inputs, make_step
+from benchmarks.report_multiscale import DTYPES, SHAPES, backend_env, bytes_moved, forced_backend, inputs, make_step
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@pytest.mark.parametrize("provider", ["triton", "numba", "torch", "compile"])
+@pytest.mark.parametrize("provider", ["triton", "triton-graph", "numba", "torch", "compile"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-C{}-d{}".format(*s))
 def test_multiscale_fwd_bwd(benchmark, provider, dtype, shape):
-    if provider == "triton" and DEVICE.type != "cuda":
+    if provider.startswith("triton") and DEVICE.type != "cuda":
         pytest.skip("triton runs on CUDA tensors")
     if provider == "numba" and DEVICE.type != "cpu":
         pytest.skip("numba runs on CPU tensors")
     pred, target = inputs(shape, dtype, DEVICE)
-    with forced_backend(provider if provider in ("triton", "numba") else "auto"):
+    with forced_backend(backend_env(provider)):
         step = make_step(provider, pred, target)
 
         def timed() -> None:

@@ -13,9 +13,10 @@ The math modules are imported with the package; ``kdiff.nets``, ``kdiff.data``, 
 import importlib
 
 from . import denoisers, elbo, guidance, losses, param, process, schedules, solvers
+from ._util import set_value_checks
 
 __version__ = "0.1.0"
-__all__ = ["schedules", "process", "param", "losses", "elbo", "solvers", "denoisers", "guidance",
+__all__ = ["set_value_checks", "schedules", "process", "param", "losses", "elbo", "solvers", "denoisers", "guidance",
            "nets", "data", "metrics", "kernels"]
 
 _LAZY = ("nets", "data", "metrics", "kernels")

@@ -18,9 +18,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._util import Scalar, check_float, check_range, coef_dtype, per_sample
+from ._util import Scalar, check_callable, check_float, check_number, check_range, coef_dtype, per_sample
 from .param import edm_precond, x_from_eps, x_from_v
-from .schedules import alpha_sigma, logsnr_from_alphas_bar, logsnr_from_sigma
+from .schedules import alpha_sigma, logsnr_from_sigma, timestep_from_sigma
 
 __all__ = ["Denoise", "edm_denoiser", "vp_denoiser", "timestep_from_sigma"]
 
@@ -38,58 +38,37 @@ def _net_input(c: Tensor, x: Tensor) -> Tensor:
     return _batch(c, x).to(coef_dtype(x)) if c.is_floating_point() else _batch(c, x)
 
 
-def edm_denoiser(net: Callable[[Tensor, Tensor], Tensor], *, sigma_data: float = 0.5) -> Denoise:
+def _check_output(out: object, shape: torch.Size) -> Tensor:
+    """The network's output, a tensor shaped like ``x``, or an error naming ``net``."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"net: expected the network to return a tensor of shape {tuple(shape)}, "
+                        f"got {type(out).__name__}")
+    if out.shape != shape:
+        raise ValueError(f"net: expected an output of shape {tuple(shape)}, got {tuple(out.shape)}")
+    return out
+
+
+def edm_denoiser(net: Callable[..., Tensor], *, sigma_data: float = 0.5) -> Denoise:
     """``D(x, sigma) = c_skip x + c_out F(c_in x, c_noise)`` [EDM Eq. 7, Table 1].
 
-    ``net(x_in, c_noise)`` takes ``x_in: (B, ...)`` in ``x``'s dtype and ``c_noise = ln(sigma) / 4``
-    of shape ``[B]`` (float32, or float64 for float64 ``x``), and returns ``F`` shaped like ``x``.
-    The returned ``denoise`` accepts ``sigma > 0`` as a float, ``[]`` or ``[B]``.
+    ``net(x_in, c_noise, *cond, **cond_kw)`` takes ``x_in: (B, ...)`` in ``x``'s dtype and
+    ``c_noise = ln(sigma) / 4`` of shape ``[B]`` (float32, or float64 for float64 ``x``), and returns ``F``
+    shaped like ``x``. The returned ``denoise(x, sigma, *cond, **cond_kw)`` accepts ``sigma > 0`` (finite) as a
+    float, ``[]`` or ``[B]``, and passes any further arguments (class labels, other conditioning) to ``net``
+    unchanged: ``edm_denoiser(unet)(x, sigma, labels)`` calls ``unet(c_in x, c_noise, labels)``. The sampler
+    contract is two-argument; bind conditioning with a closure or ``functools.partial`` for sampling.
     """
-    if not sigma_data > 0:
-        raise ValueError(f"sigma_data: expected > 0, got {sigma_data}")
+    check_callable(net, "net")
+    sigma_data = check_number(sigma_data, "sigma_data", low=0.0, low_open=True)
 
-    def denoise(x: Tensor, sigma: Scalar) -> Tensor:
+    def denoise(x: Tensor, sigma: Scalar, *cond: object, **cond_kw: object) -> Tensor:
         check_float(x, "x")
         s = per_sample(sigma, "sigma", x)
         c_skip, c_out, c_in, c_noise = edm_precond(s, sigma_data=sigma_data)
-        out = net((c_in * x).to(x.dtype), _net_input(c_noise, x))
-        if out.shape != x.shape:
-            raise ValueError(f"net: expected an output of shape {tuple(x.shape)}, got {tuple(out.shape)}")
+        out = _check_output(net((c_in * x).to(x.dtype), _net_input(c_noise, x), *cond, **cond_kw), x.shape)
         return (c_skip * x.to(s.dtype) + c_out * out.to(s.dtype)).to(x.dtype)
 
     return denoise
-
-
-def timestep_from_sigma(sigma: Scalar, alphas_bar: Tensor, *, nearest: bool = False) -> Tensor:
-    """The table index ``t`` with ``logsnr(alpha_bar_t) = -2 log sigma``, linear in logsnr between indices.
-
-    ``alphas_bar``: ``(T,)`` decreasing, index ``i`` is the paper's timestep ``i + 1``. The index is
-    a float (``nearest=False``, for networks that embed a continuous timestep) or the nearest int64
-    (for networks with a lookup table). Both are exact integers on a grid from
-    ``solvers.sigmas_from_alphas_bar`` of the same table. A ``sigma`` within 1e-4 in logsnr outside
-    the table's range is rounding and maps to the end; further out is a ValueError (a network
-    trained on integer t never saw it).
-    """
-    check_float(alphas_bar, "alphas_bar")
-    if alphas_bar.ndim != 1:
-        raise ValueError(f"alphas_bar: expected a 1-D table, got shape {tuple(alphas_bar.shape)}")
-    s = torch.as_tensor(sigma, dtype=torch.float64) if not isinstance(sigma, Tensor) else sigma.to(torch.float64)
-    table = -logsnr_from_alphas_bar(alphas_bar.to(device=s.device, dtype=torch.float64))  # increasing in t
-    if bool((table.diff() <= 0).any()):
-        raise ValueError("alphas_bar: expected a strictly decreasing table")
-    query = -logsnr_from_sigma(s)
-    lo_end, hi_end = table[0].item(), table[-1].item()
-    check_range(query, f"sigma, as 2 log(sigma) (the table covers [{lo_end:.6g}, {hi_end:.6g}])",
-                low=lo_end - 1e-4, high=hi_end + 1e-4)
-    query = query.clamp(lo_end, hi_end)
-    T = table.shape[0]
-    if T == 1:
-        t = torch.zeros_like(query)
-    else:
-        upper = torch.searchsorted(table, query.contiguous()).clamp(1, T - 1)
-        lower = upper - 1
-        t = lower + (query - table[lower]) / (table[upper] - table[lower])
-    return torch.round(t).to(torch.int64) if nearest else t
 
 
 def vp_denoiser(net: Callable[[Tensor, Tensor], Tensor], *, param: str = "eps", alphas_bar: Tensor | None = None,
@@ -97,10 +76,12 @@ def vp_denoiser(net: Callable[[Tensor, Tensor], Tensor], *, param: str = "eps", 
     """``denoised = x_from_{param}(z, net(z, c), logsnr)`` with ``z = alpha x``, ``logsnr = -2 log sigma``.
 
     The network is called as ``net(z, logsnr)`` with ``logsnr: [B]``, or, given a discrete
-    ``alphas_bar`` table, as ``net(z, t)`` with ``t: [B]`` the table index from
-    :func:`timestep_from_sigma` (float, or int64 with ``nearest=True``). Float conditioning is
+    ``alphas_bar`` table, as ``net(z, t)`` with ``t: [B]`` the 0-based table index (index ``i`` is the
+    paper's timestep ``i + 1``) from
+    :func:`kdiff.schedules.timestep_from_sigma` (float, or int64 with ``nearest=True``). Float conditioning is
     float32, or float64 for float64 ``x``. ``z`` is always built from
-    the exact ``sigma``, so a rounded ``t`` only changes what the network is told.
+    the exact ``sigma``, so a rounded ``t`` only changes what the network is told. As with
+    :func:`edm_denoiser`, ``denoise(x, sigma, *cond, **cond_kw)`` passes further arguments to ``net``.
 
     Args:
         param: what the network predicts: ``"eps"``, ``"v"`` (``alpha eps - sigma x`` [PD]) or ``"x"``.
@@ -110,20 +91,23 @@ def vp_denoiser(net: Callable[[Tensor, Tensor], Tensor], *, param: str = "eps", 
             [iDDPM Eq. 15]. The weight, not a log-variance, is returned: ``log beta`` and
             ``log beta_tilde`` depend on the step's ``sigma_next``, which a denoiser does not see.
     """
-    if param not in PARAMS:
+    check_callable(net, "net")
+    if not isinstance(param, str) or param not in PARAMS:
         raise ValueError(f"param: expected one of {', '.join(PARAMS)}, got {param!r}")
     if alphas_bar is not None:
         check_float(alphas_bar, "alphas_bar")
 
-    def denoise(x: Tensor, sigma: Scalar) -> Tensor | tuple[Tensor, Tensor]:
+    def denoise(x: Tensor, sigma: Scalar, *cond: object, **cond_kw: object) -> Tensor | tuple[Tensor, Tensor]:
         check_float(x, "x")
         s = per_sample(sigma, "sigma", x)
         check_range(s, "sigma", low=0.0, low_open=True)
         logsnr = _batch(logsnr_from_sigma(s), x)
         alpha = per_sample(alpha_sigma(logsnr)[0], "alpha", x)
         z = (alpha * x.to(alpha.dtype)).to(x.dtype)
-        cond = logsnr if alphas_bar is None else timestep_from_sigma(_batch(s, x), alphas_bar, nearest=nearest)
-        out = net(z, _net_input(cond, x))
+        level = logsnr if alphas_bar is None else timestep_from_sigma(_batch(s, x), alphas_bar, nearest=nearest)
+        out = net(z, _net_input(level, x), *cond, **cond_kw)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"net: expected the network to return a tensor, got {type(out).__name__}")
         if learned_variance:
             if out.ndim < 2 or out.shape[1] != 2 * x.shape[1]:
                 raise ValueError(f"net: expected {2 * x.shape[1]} channels in dim 1 with learned_variance=True, "

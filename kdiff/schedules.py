@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._util import Scalar, as_coef, check_float, check_int, check_range
+from ._util import Scalar, as_coef, check_choice, check_float, check_int, check_number, check_range, check_values
 
 __all__ = [
     "alpha_sigma", "sigma_from_logsnr", "logsnr_from_sigma", "logsnr_from_alpha_sigma",
@@ -31,7 +31,7 @@ __all__ = [
     "logsnr_from_alphas_bar", "alphas_bar_from_logsnr",
     "logsnr_cosine", "t_from_logsnr_cosine", "logsnr_cosine_shifted", "t_from_logsnr_cosine_shifted",
     "logsnr_cosine_interpolated", "t_from_logsnr_cosine_interpolated",
-    "sigmas_karras", "sigma_lognormal", "respace",
+    "sigmas_karras", "sigma_lognormal", "respace", "sigmas_from_alphas_bar", "timestep_from_sigma",
 ]
 
 
@@ -40,26 +40,32 @@ __all__ = [
 
 
 def alpha_sigma(logsnr: Scalar) -> tuple[Tensor, Tensor]:
-    """``(alpha, sigma) = (sqrt(sigmoid(logsnr)), sqrt(sigmoid(-logsnr)))``; shapes as ``logsnr``."""
-    l = as_coef(logsnr, "logsnr")
+    """``(alpha, sigma) = (sqrt(sigmoid(logsnr)), sqrt(sigmoid(-logsnr)))``; shapes as ``logsnr``.
+
+    ``logsnr = +inf`` (clean data) gives ``(1, 0)``, ``-inf`` (pure noise) ``(0, 1)``; NaN is a ValueError."""
+    l = as_coef(logsnr, "logsnr", posinf=True, neginf=True)
     return torch.sigmoid(l).sqrt(), torch.sigmoid(-l).sqrt()
 
 
 def sigma_from_logsnr(logsnr: Scalar) -> Tensor:
-    """EDM noise level ``sigma_ve = sigma / alpha = exp(-logsnr / 2)``."""
-    return torch.exp(-0.5 * as_coef(logsnr, "logsnr"))
+    """EDM noise level ``sigma_ve = sigma / alpha = exp(-logsnr / 2)`` (``+inf`` gives 0, ``-inf`` gives inf)."""
+    return torch.exp(-0.5 * as_coef(logsnr, "logsnr", posinf=True, neginf=True))
 
 
 def logsnr_from_sigma(sigma: Scalar) -> Tensor:
-    """``logsnr = -2 log(sigma_ve)``; ``sigma`` must be > 0 (``sigma = 0`` gives ``+inf``)."""
-    s = as_coef(sigma, "sigma")
+    """``logsnr = -2 log(sigma_ve)``; ``sigma >= 0`` (``sigma = 0`` gives ``+inf``, ``sigma = inf`` gives ``-inf``)."""
+    s = as_coef(sigma, "sigma", posinf=True)
     check_range(s, "sigma", low=0.0)
     return -2.0 * torch.log(s)
 
 
 def logsnr_from_alpha_sigma(alpha: Scalar, sigma: Scalar) -> Tensor:
-    """``logsnr = 2 (log alpha - log sigma)``."""
+    """``logsnr = 2 (log alpha - log sigma)``; ``alpha, sigma >= 0``, finite, not both 0 (``alpha = 0`` gives
+    ``-inf``, ``sigma = 0`` gives ``+inf``)."""
     a, s = as_coef(alpha, "alpha"), as_coef(sigma, "sigma")
+    check_range(a, "alpha", low=0.0)
+    check_range(s, "sigma", low=0.0)
+    check_range(torch.maximum(a, s.to(a.device)), "alpha, sigma (the larger of the two)", low=0.0, low_open=True)
     return 2.0 * (torch.log(a) - torch.log(s))
 
 
@@ -70,6 +76,8 @@ def logsnr_from_alpha_sigma(alpha: Scalar, sigma: Scalar) -> Tensor:
 def betas_linear(T: int, *, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
     """DDPM's linear schedule, ``beta_t = linspace(beta_start, beta_end, T)`` [DDPM Sec. 4]; ``(T,)`` float64."""
     check_int(T, "T", low=1)
+    check_number(beta_start, "beta_start", low=0.0, low_open=True, high=1.0, high_open=True)
+    check_number(beta_end, "beta_end", low=0.0, low_open=True, high=1.0, high_open=True)
     if not 0.0 < beta_start <= beta_end < 1.0:
         raise ValueError(f"beta_start, beta_end: expected 0 < beta_start <= beta_end < 1, "
                          f"got {beta_start}, {beta_end}")
@@ -84,8 +92,8 @@ def alphas_bar_cosine(T: int, *, s: float = 0.008, max_beta: float = 0.999) -> T
     code does. Returns ``(T,)`` float64 for t = 1..T.
     """
     check_int(T, "T", low=1)
-    if not 0.0 < max_beta <= 1.0:
-        raise ValueError(f"max_beta: expected a value in (0, 1], got {max_beta}")
+    check_number(s, "s", low=0.0)
+    check_number(max_beta, "max_beta", low=0.0, low_open=True, high=1.0)
     steps = torch.arange(T + 1, dtype=torch.float64) / T
     f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
     ab = f / f[0]
@@ -119,8 +127,8 @@ def logsnr_from_alphas_bar(alphas_bar: Tensor) -> Tensor:
 
 
 def alphas_bar_from_logsnr(logsnr: Scalar) -> Tensor:
-    """``alpha_bar = alpha^2 = sigmoid(logsnr)``."""
-    return torch.sigmoid(as_coef(logsnr, "logsnr"))
+    """``alpha_bar = alpha^2 = sigmoid(logsnr)`` (``+inf`` gives 1, ``-inf`` gives 0)."""
+    return torch.sigmoid(as_coef(logsnr, "logsnr", posinf=True, neginf=True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,6 +142,8 @@ def _time(t: Scalar) -> Tensor:
 
 
 def _cosine_bounds(logsnr_min: float, logsnr_max: float) -> tuple[float, float]:
+    check_number(logsnr_min, "logsnr_min")
+    check_number(logsnr_max, "logsnr_max")
     if not logsnr_min < logsnr_max:
         raise ValueError(f"logsnr_min, logsnr_max: expected logsnr_min < logsnr_max, got {logsnr_min}, {logsnr_max}")
     return math.atan(math.exp(-0.5 * logsnr_max)), math.atan(math.exp(-0.5 * logsnr_min))
@@ -158,15 +168,17 @@ def _cosine(tt: Tensor, t_min: float, t_max: float) -> Tensor:
 
 
 def t_from_logsnr_cosine(logsnr: Scalar, *, logsnr_min: float = -15.0, logsnr_max: float = 15.0) -> Tensor:
-    """Inverse of :func:`logsnr_cosine`: ``t = (atan(exp(-logsnr/2)) - t_min) / (t_max - t_min)``."""
-    l = as_coef(logsnr, "logsnr")
+    """Inverse of :func:`logsnr_cosine`: ``t = (atan(exp(-logsnr/2)) - t_min) / (t_max - t_min)``.
+
+    ``logsnr`` outside ``[logsnr_min, logsnr_max]`` gives ``t`` outside [0, 1] (``+/-inf`` allowed); NaN raises."""
+    l = as_coef(logsnr, "logsnr", posinf=True, neginf=True)
     t_min, t_max = _cosine_bounds(logsnr_min, logsnr_max)
     return (torch.atan(torch.exp(-0.5 * l)) - t_min) / (t_max - t_min)
 
 
-def _shift(image_size: int, noise_size: int) -> float:
+def _shift(image_size: int, noise_size: int, name: str = "noise_size") -> float:
     check_int(image_size, "image_size", low=1)
-    check_int(noise_size, "noise_size", low=1)
+    check_int(noise_size, name, low=1)
     return 2.0 * math.log(noise_size / image_size)
 
 
@@ -182,8 +194,8 @@ def logsnr_cosine_shifted(t: Scalar, *, image_size: int, noise_size: int = 64,
 
 def t_from_logsnr_cosine_shifted(logsnr: Scalar, *, image_size: int, noise_size: int = 64,
                                  logsnr_min: float = -15.0, logsnr_max: float = 15.0) -> Tensor:
-    """Inverse of :func:`logsnr_cosine_shifted`."""
-    l = as_coef(logsnr, "logsnr") - _shift(image_size, noise_size)
+    """Inverse of :func:`logsnr_cosine_shifted` (``+/-inf`` allowed, see :func:`t_from_logsnr_cosine`)."""
+    l = as_coef(logsnr, "logsnr", posinf=True, neginf=True) - _shift(image_size, noise_size)
     return t_from_logsnr_cosine(l, logsnr_min=logsnr_min, logsnr_max=logsnr_max)
 
 
@@ -195,10 +207,12 @@ def logsnr_cosine_interpolated(t: Scalar, *, image_size: int, noise_size_low: in
 
     At high noise (t -> 1) the schedule follows the strongly shifted ``noise_size_low`` version,
     at low noise (t -> 0) the ``noise_size_high`` one (default: ``image_size``, i.e. unshifted).
+    The shift ``2 log(noise_size / image_size)`` is negative (more noise) for ``noise_size < image_size``;
+    with ``image_size < noise_size_low`` it is positive, so the schedule moves toward *less* noise.
     """
-    high = image_size if noise_size_high is None else noise_size_high
-    return _interpolated(_time(t), _cosine_bounds(logsnr_min, logsnr_max), _shift(image_size, noise_size_low),
-                         _shift(image_size, high))
+    high, high_name = (image_size, "image_size") if noise_size_high is None else (noise_size_high, "noise_size_high")
+    return _interpolated(_time(t), _cosine_bounds(logsnr_min, logsnr_max),
+                         _shift(image_size, noise_size_low, "noise_size_low"), _shift(image_size, high, high_name))
 
 
 def _interpolated(tt: Tensor, bounds: tuple[float, float], shift_low: float, shift_high: float) -> Tensor:
@@ -211,22 +225,26 @@ def t_from_logsnr_cosine_interpolated(logsnr: Scalar, *, image_size: int, noise_
                                       logsnr_max: float = 15.0, iters: int = 80) -> Tensor:
     """Inverse of :func:`logsnr_cosine_interpolated` by bisection in float64 (the schedule is
     strictly decreasing in t when ``noise_size_low <= noise_size_high``). Values outside the
-    schedule's range map to the nearest end, 0 or 1."""
-    l = as_coef(logsnr, "logsnr")
-    high = image_size if noise_size_high is None else noise_size_high
+    schedule's range (``+/-inf`` included) map to the nearest end, 0 or 1; NaN raises."""
+    l = as_coef(logsnr, "logsnr", posinf=True, neginf=True)
+    check_int(iters, "iters", low=1)
+    high, high_name = (image_size, "image_size") if noise_size_high is None else (noise_size_high, "noise_size_high")
+    shift_low, shift_high = _shift(image_size, noise_size_low, "noise_size_low"), _shift(image_size, high, high_name)
     if noise_size_low > high:
         raise ValueError(f"noise_size_low: expected <= noise_size_high ({high}) for an invertible schedule, "
                          f"got {noise_size_low}")
     target = l.to(torch.float64)
     lo, hi = torch.zeros_like(target), torch.ones_like(target)
     bounds = _cosine_bounds(logsnr_min, logsnr_max)
-    shift_low, shift_high = _shift(image_size, noise_size_low), _shift(image_size, high)
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
         above = _interpolated(mid, bounds, shift_low, shift_high) > target  # still too clean: move right
         lo = torch.where(above, mid, lo)
         hi = torch.where(above, hi, mid)
-    return (0.5 * (lo + hi)).to(l.dtype)
+    t = 0.5 * (lo + hi)
+    start, end = (_interpolated(target.new_tensor(v), bounds, shift_low, shift_high) for v in (0.0, 1.0))
+    t = torch.where(target >= start, 0.0, torch.where(target <= end, 1.0, t))  # outside the range: the nearest end
+    return t.to(l.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,10 +255,11 @@ def sigmas_karras(n: int, *, sigma_min: float = 0.002, sigma_max: float = 80.0, 
     """EDM time steps [EDM Eq. 5]: ``(sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``
     for i = 0..n-1, then a trailing 0. Returns ``(n + 1,)`` float64, decreasing."""
     check_int(n, "n", low=1)
+    check_number(sigma_min, "sigma_min", low=0.0, low_open=True)
+    check_number(sigma_max, "sigma_max", low=0.0, low_open=True)
+    check_number(rho, "rho", low=0.0, low_open=True)
     if not 0.0 < sigma_min < sigma_max:
         raise ValueError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-    if rho <= 0:
-        raise ValueError(f"rho: expected > 0, got {rho}")
     if n == 1:
         return torch.tensor([sigma_max, 0.0], dtype=torch.float64)
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
@@ -253,8 +272,9 @@ def sigma_lognormal(u: Tensor, *, p_mean: float = -1.2, p_std: float = 1.2) -> T
     """EDM training noise levels [EDM Table 1]: ``ln sigma ~ N(P_mean, P_std^2)``, i.e.
     ``sigma = exp(p_mean + p_std u)`` for a given standard normal ``u``."""
     check_float(u, "u")
-    if p_std <= 0:
-        raise ValueError(f"p_std: expected > 0, got {p_std}")
+    check_values(u, "u")
+    check_number(p_mean, "p_mean")
+    check_number(p_std, "p_std", low=0.0, low_open=True)
     uu = u.to(torch.float64) if u.dtype == torch.float64 else u.float()
     return torch.exp(p_mean + p_std * uu)
 
@@ -286,6 +306,7 @@ def respace(T: int, n: int, *, spacing: str = "trailing") -> Tensor:
     if n > T:
         raise ValueError(f"n: expected 1 <= n <= T={T}, got {n}")
     k = torch.arange(n, dtype=torch.int64)
+    check_choice(spacing, "spacing", ("trailing", "leading", "linspace"))
     if spacing == "trailing":
         return (_round_div(T * (n - k), n) - 1).flip(0)
     if spacing == "leading":
@@ -294,3 +315,62 @@ def respace(T: int, n: int, *, spacing: str = "trailing") -> Tensor:
         return _round_div(k * (T - 1), max(n - 1, 1))
     raise ValueError(f"spacing: expected one of 'trailing', 'leading', 'linspace', got {spacing!r}")
 
+
+# ----------------------------------------------------------------------------------------------
+# Discrete tables on the EDM axis
+
+
+def sigmas_from_alphas_bar(alphas_bar: Tensor, timesteps: Tensor | None = None) -> Tensor:
+    """``sigma_i = sqrt((1 - alpha_bar_i) / alpha_bar_i)`` at ``timesteps``, noisiest first, then 0.
+
+    The grid on which a DDPM/DDIM chain over a discrete table runs in EDM space. ``timesteps`` are
+    increasing table indices (:func:`respace`; default all ``T``); the trailing 0 is
+    ``alpha_bar = 1``, so the last step lands on the denoiser output. Returns ``(n + 1,)`` float64.
+    """
+    check_float(alphas_bar, "alphas_bar")
+    logsnr = logsnr_from_alphas_bar(alphas_bar.to(torch.float64))
+    if logsnr.ndim != 1:
+        raise ValueError(f"alphas_bar: expected a 1-D table, got shape {tuple(logsnr.shape)}")
+    if timesteps is None:
+        timesteps = torch.arange(logsnr.shape[0])
+    if not isinstance(timesteps, Tensor) or timesteps.dtype not in (torch.int32, torch.int64) or timesteps.ndim != 1:
+        raise TypeError(f"timesteps: expected a 1-D int64 tensor of table indices, got {timesteps!r}")
+    T = logsnr.shape[0]
+    if len(timesteps) == 0 or timesteps.min() < 0 or timesteps.max() >= T or (timesteps.diff() <= 0).any():
+        raise ValueError(f"timesteps: expected strictly increasing indices in [0, {T - 1}], got {timesteps.tolist()}")
+    sig = sigma_from_logsnr(logsnr[timesteps.to(logsnr.device)]).flip(0)
+    if (sig.diff() >= 0).any():
+        raise ValueError("alphas_bar: expected a strictly decreasing table at the chosen timesteps")
+    return torch.cat([sig, sig.new_zeros(1)])
+
+
+def timestep_from_sigma(sigma: Scalar, alphas_bar: Tensor, *, nearest: bool = False) -> Tensor:
+    """The table index ``t`` with ``logsnr(alpha_bar_t) = -2 log sigma``, linear in logsnr between indices.
+
+    ``alphas_bar``: ``(T,)`` decreasing, index ``i`` is the paper's timestep ``i + 1``. The index is
+    a float (``nearest=False``, for networks that embed a continuous timestep) or the nearest int64
+    (for networks with a lookup table). Both are exact integers on a grid from
+    :func:`sigmas_from_alphas_bar` of the same table. A ``sigma`` within 1e-4 in logsnr outside
+    the table's range is rounding and maps to the end; further out is a ValueError (a network
+    trained on integer t never saw it).
+    """
+    check_float(alphas_bar, "alphas_bar")
+    if alphas_bar.ndim != 1:
+        raise ValueError(f"alphas_bar: expected a 1-D table, got shape {tuple(alphas_bar.shape)}")
+    s = torch.as_tensor(sigma, dtype=torch.float64) if not isinstance(sigma, Tensor) else sigma.to(torch.float64)
+    table = -logsnr_from_alphas_bar(alphas_bar.to(device=s.device, dtype=torch.float64))  # increasing in t
+    if bool((table.diff() <= 0).any()):
+        raise ValueError("alphas_bar: expected a strictly decreasing table")
+    query = -logsnr_from_sigma(s)
+    lo_end, hi_end = table[0].item(), table[-1].item()
+    check_range(query, f"sigma, as 2 log(sigma) (the table covers [{lo_end:.6g}, {hi_end:.6g}])",
+                low=lo_end - 1e-4, high=hi_end + 1e-4)
+    query = query.clamp(lo_end, hi_end)
+    T = table.shape[0]
+    if T == 1:
+        t = torch.zeros_like(query)
+    else:
+        upper = torch.searchsorted(table, query.contiguous()).clamp(1, T - 1)
+        lower = upper - 1
+        t = lower + (query - table[lower]) / (table[upper] - table[lower])
+    return torch.round(t).to(torch.int64) if nearest else t

@@ -31,10 +31,22 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._util import Scalar, check_float, check_int, check_range, check_same_shape, coef_dtype, per_sample
+from ._util import (
+    Scalar,
+    check_callable,
+    check_choice,
+    check_float,
+    check_generator,
+    check_int,
+    check_number,
+    check_range,
+    check_same_shape,
+    coef_dtype,
+    per_sample,
+)
 from .denoisers import Denoise
-from .process import posterior_logvar
-from .schedules import logsnr_from_alphas_bar, logsnr_from_sigma, sigma_from_logsnr
+from .process import learned_range_logvar, posterior_logvar, transition_logvar
+from .schedules import logsnr_from_sigma, sigmas_from_alphas_bar  # the latter re-exported: its old home
 
 __all__ = ["euler_step", "heun_step", "churn", "ddim_step", "ddpm_step", "dpmpp_2m_step",
            "sigmas_from_alphas_bar", "sample", "SampleStep", "SOLVERS"]
@@ -54,6 +66,35 @@ def _levels(x: Tensor, denoised: Tensor, sigma: Scalar, sigma_next: Scalar) -> t
     check_range(s, "sigma", low=0.0, low_open=True)
     check_range(s_next, "sigma_next", low=0.0)
     return x.to(dtype), denoised.to(dtype), s, s_next
+
+
+def _check_eta(eta: float) -> float:
+    """DDIM's ``eta``: a finite Python number >= 0."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta: expected a finite float >= 0, got {eta!r}")
+    return float(eta)
+
+
+def _check_churn(s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> None:
+    """EDM Algorithm 2's ``S_churn, S_tmin, S_tmax, S_noise``: finite ``s_churn, s_noise >= 0``,
+    ``0 <= s_tmin <= s_tmax`` (``s_tmax`` may be inf)."""
+    for name, value in (("s_churn", s_churn), ("s_noise", s_noise)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or not math.isfinite(value):
+            raise ValueError(f"{name}: expected a finite value >= 0, got {value}")
+    check_number(s_tmin, "s_tmin", low=0.0)
+    check_number(s_tmax, "s_tmax", low=0.0, finite=False)
+    if not s_tmin <= s_tmax:
+        raise ValueError(f"s_tmin, s_tmax: expected s_tmin <= s_tmax, got {s_tmin}, {s_tmax}")
+
+
+_VARIANCES = ("small", "large")
+
+
+def _check_variance(variance: str | Tensor) -> None:
+    if isinstance(variance, Tensor):
+        check_float(variance, "variance")
+    else:
+        check_choice(variance, "variance", _VARIANCES)
 
 
 def _check_noise(noise: Tensor | None, x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -101,6 +142,8 @@ def heun_step(x: Tensor, denoised: Tensor, sigma: Scalar, sigma_next: Scalar, *,
         raise ValueError("sigma_next: expected all zero or all positive within a batch, "
                          f"got {s_next.flatten().tolist()}")
     denoised_next = denoise(x_euler.to(x.dtype), sigma_next)
+    if not isinstance(denoised_next, Tensor):
+        raise TypeError(f"denoise: expected a tensor shaped like x, got {type(denoised_next).__name__}")
     check_same_shape(x, denoised_next, "x", "denoise(x, sigma_next)")
     return (x_euler + 0.5 * (s - s_next) * ((denoised_next.to(s.dtype) - den) / s_next)).to(x.dtype)
 
@@ -121,12 +164,8 @@ def churn(x: Tensor, sigma: Scalar, noise: Tensor, *, s_churn: float, n_steps: i
         (``[]`` for a float), float32 or float64.
     """
     check_float(x, "x")
-    for name, value in (("s_churn", s_churn), ("s_noise", s_noise)):
-        if not value >= 0 or not math.isfinite(value):
-            raise ValueError(f"{name}: expected a finite value >= 0, got {value}")
+    _check_churn(s_churn, s_tmin, s_tmax, s_noise)
     check_int(n_steps, "n_steps", low=1)
-    if not s_tmin <= s_tmax:
-        raise ValueError(f"s_tmin, s_tmax: expected s_tmin <= s_tmax, got {s_tmin}, {s_tmax}")
     s = per_sample(sigma, "sigma", x)
     check_range(s, "sigma", low=0.0, low_open=True)
     noise = _check_noise(noise, x, s.dtype)
@@ -152,8 +191,7 @@ def ddim_step(x: Tensor, denoised: Tensor, sigma: Scalar, sigma_next: Scalar, *,
         noise: standard normal shaped like ``x``; needed when ``eta > 0``.
     """
     xc, den, s, s_next = _levels(x, denoised, sigma, sigma_next)
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta: expected a finite float >= 0, got {eta!r}")
+    eta = _check_eta(eta)
     if eta == 0:
         return (den + (s_next / s) * (xc - den)).to(x.dtype)
     noise = _check_noise(noise, x, s.dtype)
@@ -183,6 +221,7 @@ def ddpm_step(x: Tensor, denoised: Tensor, sigma: Scalar, sigma_next: Scalar, *,
         variance: ``"small"``, ``"large"`` or ``frac``, a tensor broadcastable to ``x``.
     """
     xc, den, s, s_next = _levels(x, denoised, sigma, sigma_next)
+    _check_variance(variance)
     check_range(s - s_next, "sigma - sigma_next", low=0.0)
     mean = den + (s_next / s) ** 2 * (xc - den)
     if bool((s_next == 0).all()):
@@ -190,17 +229,13 @@ def ddpm_step(x: Tensor, denoised: Tensor, sigma: Scalar, sigma_next: Scalar, *,
     noise = _check_noise(noise, x, s.dtype)
     logsnr_s, logsnr_t = logsnr_from_sigma(s_next), logsnr_from_sigma(s)
     log_beta_tilde = posterior_logvar(logsnr_s, logsnr_t)
-    log_beta = torch.log(-torch.expm1(F.logsigmoid(logsnr_t) - F.logsigmoid(logsnr_s)))
+    log_beta = transition_logvar(logsnr_s, logsnr_t)
     if isinstance(variance, Tensor):
-        check_float(variance, "variance")
-        variance = variance.to(s.dtype)
-        logvar = variance * log_beta + (1.0 - variance) * log_beta_tilde
+        logvar = learned_range_logvar(variance.to(s.dtype), log_beta, log_beta_tilde)
     elif variance == "small":
         logvar = log_beta_tilde
-    elif variance == "large":
-        logvar = log_beta
     else:
-        raise ValueError(f"variance: expected 'small', 'large' or a tensor frac in [0, 1], got {variance!r}")
+        logvar = log_beta
     std = torch.exp(0.5 * (logvar - F.logsigmoid(logsnr_s)))  # sqrt(Sigma) / alpha_s
     std = torch.where(s_next > 0, std, torch.zeros_like(std))
     return (mean + std * noise).to(x.dtype)
@@ -239,30 +274,6 @@ def dpmpp_2m_step(x: Tensor, denoised: Tensor, sigma: Scalar, sigma_next: Scalar
     extrapolated = den + half_inv_r * (den - d_prev)
     d_mid = torch.where(last, den, extrapolated)
     return (d_mid + ratio * (xc - d_mid)).to(x.dtype)
-
-
-def sigmas_from_alphas_bar(alphas_bar: Tensor, timesteps: Tensor | None = None) -> Tensor:
-    """``sigma_i = sqrt((1 - alpha_bar_i) / alpha_bar_i)`` at ``timesteps``, noisiest first, then 0.
-
-    The grid on which a DDPM/DDIM chain over a discrete table runs in EDM space. ``timesteps`` are
-    increasing table indices (``schedules.respace(T, n)``; default all ``T``); the trailing 0 is
-    ``alpha_bar = 1``, so the last step lands on the denoiser output. Returns ``(n + 1,)`` float64.
-    """
-    check_float(alphas_bar, "alphas_bar")
-    logsnr = logsnr_from_alphas_bar(alphas_bar.to(torch.float64))
-    if logsnr.ndim != 1:
-        raise ValueError(f"alphas_bar: expected a 1-D table, got shape {tuple(logsnr.shape)}")
-    if timesteps is None:
-        timesteps = torch.arange(logsnr.shape[0])
-    if not isinstance(timesteps, Tensor) or timesteps.dtype not in (torch.int32, torch.int64) or timesteps.ndim != 1:
-        raise TypeError(f"timesteps: expected a 1-D int64 tensor of table indices, got {timesteps!r}")
-    T = logsnr.shape[0]
-    if len(timesteps) == 0 or timesteps.min() < 0 or timesteps.max() >= T or (timesteps.diff() <= 0).any():
-        raise ValueError(f"timesteps: expected strictly increasing indices in [0, {T - 1}], got {timesteps.tolist()}")
-    sig = sigma_from_logsnr(logsnr[timesteps.to(logsnr.device)]).flip(0)
-    if (sig.diff() >= 0).any():
-        raise ValueError("alphas_bar: expected a strictly decreasing table at the chosen timesteps")
-    return torch.cat([sig, sig.new_zeros(1)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,6 +329,9 @@ def sample(denoise: Callable, x: Tensor, sigmas: Tensor, *, solver: str = "heun"
     (:func:`ddim_step` with ``eta``), ``"ddpm"`` (:func:`ddpm_step` with ``variance``; a denoiser
     returning ``(denoised, frac)`` supplies iDDPM's learned variance, and its ``frac`` is ignored
     by the other solvers). Churn (:func:`churn`) applies to ``"euler"`` and ``"heun"`` only.
+    An option that does not apply to the chosen solver (``eta != 0`` without ``"ddim"``, ``variance``
+    other than ``"small"`` without ``"ddpm"``, ``s_churn != 0`` without ``"euler"``/``"heun"``) is a
+    ValueError, as is an invalid value of any option, whether or not it applies.
 
     The state is kept in float64; ``denoise`` sees it in ``x``'s dtype with ``sigma`` a float64
     ``[]`` tensor. Every random draw uses ``generator`` (torch's global generator when None).
@@ -327,20 +341,29 @@ def sample(denoise: Callable, x: Tensor, sigmas: Tensor, *, solver: str = "heun"
         x: the start, noise at ``sigmas[0]``: ``sigma_max n`` for an EDM model, ``n sqrt(1 + sigma_max^2)``
             (that is ``z_T / alpha_T``) for a VP model. ``(B, ...)``.
         sigmas: ``(n + 1,)``, strictly decreasing, last value 0 (``schedules.sigmas_karras``,
-            :func:`sigmas_from_alphas_bar`).
+            :func:`kdiff.schedules.sigmas_from_alphas_bar`).
         callback: called with a :class:`SampleStep` after each evaluation of ``denoise(x_i, sigma_i)``.
         progress: show a tqdm bar over the steps.
     Returns:
         The sample at ``sigma = 0``, in ``x``'s dtype.
     """
+    check_callable(denoise, "denoise")
     check_float(x, "x")
     _check_sigmas(sigmas)
-    if solver not in SOLVERS:
+    if not isinstance(solver, str) or solver not in SOLVERS:
         raise ValueError(f"solver: expected one of {', '.join(SOLVERS)}, got {solver!r}")
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta: expected a finite float >= 0, got {eta!r}")
+    eta = _check_eta(eta)
+    _check_variance(variance)
+    _check_churn(s_churn, s_tmin, s_tmax, s_noise)
+    check_generator(generator)
+    if callback is not None:
+        check_callable(callback, "callback")
     if s_churn != 0 and solver not in ("euler", "heun"):
         raise ValueError(f"s_churn: churn applies to solver='euler' or 'heun', got s_churn={s_churn} with {solver!r}")
+    if eta != 0 and solver != "ddim":
+        raise ValueError(f"eta: applies to solver='ddim' only, got eta={eta} with {solver!r}")
+    if not (isinstance(variance, str) and variance == "small") and solver != "ddpm":
+        raise ValueError(f"variance: applies to solver='ddpm' only, got variance={variance!r} with {solver!r}")
     dtype = x.dtype
     state = x.to(torch.float64)
     grid = sigmas.to(device=x.device, dtype=torch.float64)

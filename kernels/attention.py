@@ -17,10 +17,13 @@ accumulates in float32; its operands are fp16/bf16 for fp16/bf16 inputs. float32
 ``torch.get_float32_matmul_precision()``: ``"highest"`` (torch's default) gives IEEE float32 dots,
 ``"high"``/``"medium"`` TF32 tensor-core dots (10-bit mantissas), as torch's own matmuls do.
 
-The backward pass has no atomics, so it is deterministic: one kernel owns a key block and loops
-over query blocks (dk, dv), another owns a query block and loops over key blocks (dq). Block sizes
-are autotuned on the first call per (N, D, dtype) on a GPU (seconds; warm up before capturing CUDA
-graphs).
+The backward pass has no atomics, so it is deterministic, and takes two launches: first a kernel
+that owns a query block, computes its ``delta`` from its own O and dO rows (no separate pre-pass) and
+loops over key blocks (dq), then one that owns a key block and loops over query blocks (dk, dv),
+reading that ``delta``. The kernels take any B, H, N strides with unit stride along D, so views of a
+fused qkv projection are not copied. Block sizes are autotuned on the first call per (N, D, dtype) on
+a GPU (seconds; warm up before capturing CUDA graphs). On CUDA, sequences shorter than
+``sdpa_below()`` (default 1024) go to ``F.scaled_dot_product_attention`` (see :func:`attention`).
 """
 
 from __future__ import annotations
@@ -134,10 +137,14 @@ def _load_vec(ptrs, rows, N, other, EVEN_N: tl.constexpr):
 
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V,  # inputs (B, H, N, D), contiguous, fp16/bf16/fp32
-    O,  # output (B, H, N, D), same dtype
-    LSE,  # output (B, H, N) float32: log2 sum_j exp2(s_ij * qk_scale)
+    Q, K, V,  # inputs (B, H, N, D), fp16/bf16/fp32, unit stride along D
+    O,  # output (B, H, N, D), same dtype, unit stride along D
+    LSE,  # output (B, H, N) float32, contiguous: log2 sum_j exp2(s_ij * qk_scale)
     N, H,  # sequence length, number of heads
+    s_qb, s_qh, s_qn,  # strides of Q along B, H, N (elements)
+    s_kb, s_kh, s_kn,  # strides of K
+    s_vb, s_vh, s_vn,  # strides of V
+    s_ob, s_oh, s_on,  # strides of O
     qk_scale,  # scale * log2(e)
     HEAD_DIM: tl.constexpr,  # D
     BLOCK_D: tl.constexpr,  # D padded to a power of two >= 16
@@ -148,25 +155,24 @@ def _attention_fwd_kernel(
 ):
     """One block of queries: ``O = softmax(scale q k^T) v`` by the online softmax (FlashAttention-2, Alg. 1)."""
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    bh = tl.program_id(2).to(tl.int64) * H + tl.program_id(1)
+    b, h = tl.program_id(2).to(tl.int64), tl.program_id(1).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    Q += bh * N * HEAD_DIM
-    K += bh * N * HEAD_DIM
-    V += bh * N * HEAD_DIM
-    O += bh * N * HEAD_DIM
-    LSE += bh * N
+    Q += b * s_qb + h * s_qh
+    K += b * s_kb + h * s_kh
+    V += b * s_vb + h * s_vh
+    O += b * s_ob + h * s_oh
+    LSE += (b * H + h) * N
     dot_dtype = Q.dtype.element_ty
 
-    q = _load_tile(Q + offs_m[:, None] * HEAD_DIM + offs_d[None, :], offs_m, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
+    q = _load_tile(Q + offs_m[:, None] * s_qn + offs_d[None, :], offs_m, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of s * qk_scale
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s * qk_scale - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):
         rows_n = start_n + offs_n
-        kv_offs = rows_n[:, None] * HEAD_DIM + offs_d[None, :]
-        k = _load_tile(K + kv_offs, rows_n, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
+        k = _load_tile(K + rows_n[:, None] * s_kn + offs_d[None, :], rows_n, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if not EVEN_N:
             s = tl.where(rows_n[None, :] < N, s, float("-inf"))
@@ -174,12 +180,12 @@ def _attention_fwd_kernel(
         p = tl.math.exp2(tl.fma(s, qk_scale, -m_new[:, None]))
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(V + kv_offs, rows_n, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
+        v = _load_tile(V + rows_n[:, None] * s_vn + offs_d[None, :], rows_n, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
         acc = tl.dot(_operand(p, dot_dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
 
     o = acc / l_i[:, None]
-    _store_tile(O + offs_m[:, None] * HEAD_DIM + offs_d[None, :], o, offs_m, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
+    _store_tile(O + offs_m[:, None] * s_on + offs_d[None, :], o, offs_m, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
     lse = m_i + tl.math.log2(l_i)
     if EVEN_N:
         tl.store(LSE + offs_m, lse)
@@ -188,29 +194,74 @@ def _attention_fwd_kernel(
 
 
 @triton.jit
-def _attention_bwd_delta_kernel(
-    O, DO,  # output and its gradient (B, H, N, D), contiguous
-    DELTA,  # output (B, H, N) float32
+def _attention_bwd_dq_kernel(
+    Q, K, V, O, DO,  # inputs, output and output gradient (B, H, N, D), unit stride along D
+    LSE,  # (B, H, N) float32 from the forward pass
+    DELTA,  # output (B, H, N) float32: delta_i = sum_d dO_id O_id, read by the dK/dV kernel launched next
+    DQ,  # output (B, H, N, D), unit stride along D
     N, H,  # sequence length, number of heads
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,  # strides of Q, K, V along B, H, N
+    s_ob, s_oh, s_on, s_dob, s_doh, s_don,  # strides of O and DO
+    s_gb, s_gh, s_gn,  # strides of DQ (DK and DV share them)
+    qk_scale,  # scale * log2(e)
+    scale,  # softmax scale
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # queries per program (resident)
+    BLOCK_N: tl.constexpr,  # keys per loop step
+    EVEN_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """``delta_i = sum_d dO_id O_id`` for one block of rows (FlashAttention-2, Alg. 2 line 4)."""
+    """One block of queries: ``delta = rowsum(dO * O)`` (FlashAttention-2, Alg. 2 line 4, no separate pass:
+    the block's O rows are read once here) and ``dq = scale dS k``, looping over all keys."""
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    bh = tl.program_id(2).to(tl.int64) * H + tl.program_id(1)
+    b, h = tl.program_id(2).to(tl.int64), tl.program_id(1).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    offs = bh * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    o = _load_tile(O + offs, offs_m, N, offs_d, HEAD_DIM, False, EVEN_D).to(tl.float32)
-    do = _load_tile(DO + offs, offs_m, N, offs_d, HEAD_DIM, False, EVEN_D).to(tl.float32)
-    tl.store(DELTA + bh * N + offs_m, tl.sum(o * do, 1), mask=offs_m < N)
+    Q += b * s_qb + h * s_qh
+    K += b * s_kb + h * s_kh
+    V += b * s_vb + h * s_vh
+    O += b * s_ob + h * s_oh
+    DO += b * s_dob + h * s_doh
+    DQ += b * s_gb + h * s_gh
+    LSE += (b * H + h) * N
+    DELTA += (b * H + h) * N
+    dot_dtype = Q.dtype.element_ty
+
+    q = _load_tile(Q + offs_m[:, None] * s_qn + offs_d[None, :], offs_m, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
+    do = _load_tile(DO + offs_m[:, None] * s_don + offs_d[None, :], offs_m, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
+    o = _load_tile(O + offs_m[:, None] * s_on + offs_d[None, :], offs_m, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if EVEN_N:
+        tl.store(DELTA + offs_m, delta)
+    else:
+        tl.store(DELTA + offs_m, delta, mask=offs_m < N)
+    lse = _load_vec(LSE + offs_m, offs_m, N, 0.0, EVEN_N)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        rows_n = start_n + offs_n
+        k = _load_tile(K + rows_n[:, None] * s_kn + offs_d[None, :], rows_n, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        p = tl.math.exp2(tl.fma(s, qk_scale, -lse[:, None]))
+        if not EVEN_N:
+            p = tl.where(rows_n[None, :] < N, p, 0.0)
+        v = _load_tile(V + rows_n[:, None] * s_vn + offs_d[None, :], rows_n, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(_operand(ds, dot_dtype), k, dq, input_precision=PRECISION)
+
+    _store_tile(DQ + offs_m[:, None] * s_gn + offs_d[None, :], dq * scale, offs_m, N, offs_d, HEAD_DIM, EVEN_N,
+                EVEN_D)
 
 
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    Q, K, V, DO,  # inputs and output gradient (B, H, N, D), contiguous
-    LSE, DELTA,  # (B, H, N) float32 from the forward pass and the delta kernel
-    DK, DV,  # outputs (B, H, N, D)
+    Q, K, V, DO,  # inputs and output gradient (B, H, N, D), unit stride along D
+    LSE, DELTA,  # (B, H, N) float32 from the forward pass and the dQ kernel
+    DK, DV,  # outputs (B, H, N, D), unit stride along D, same strides
     N, H,  # sequence length, number of heads
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,  # strides of Q, K, V along B, H, N
+    s_dob, s_doh, s_don,  # strides of DO
+    s_gb, s_gh, s_gn,  # strides of DK and DV
     qk_scale,  # scale * log2(e)
     scale,  # softmax scale
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -220,93 +271,42 @@ def _attention_bwd_dkdv_kernel(
 ):
     """One block of keys: ``dv = P^T dO``, ``dk = scale dS^T q``, looping over all queries (transposed tiles)."""
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    bh = tl.program_id(2).to(tl.int64) * H + tl.program_id(1)
+    b, h = tl.program_id(2).to(tl.int64), tl.program_id(1).to(tl.int64)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    Q += bh * N * HEAD_DIM
-    K += bh * N * HEAD_DIM
-    V += bh * N * HEAD_DIM
-    DO += bh * N * HEAD_DIM
-    DK += bh * N * HEAD_DIM
-    DV += bh * N * HEAD_DIM
-    LSE += bh * N
-    DELTA += bh * N
+    Q += b * s_qb + h * s_qh
+    K += b * s_kb + h * s_kh
+    V += b * s_vb + h * s_vh
+    DO += b * s_dob + h * s_doh
+    DK += b * s_gb + h * s_gh
+    DV += b * s_gb + h * s_gh
+    LSE += (b * H + h) * N
+    DELTA += (b * H + h) * N
     dot_dtype = Q.dtype.element_ty
 
-    kv_offs = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    k = _load_tile(K + kv_offs, offs_n, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
-    v = _load_tile(V + kv_offs, offs_n, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
+    k = _load_tile(K + offs_n[:, None] * s_kn + offs_d[None, :], offs_n, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
+    v = _load_tile(V + offs_n[:, None] * s_vn + offs_d[None, :], offs_n, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start_m in range(0, N, BLOCK_M):
         rows_m = start_m + offs_m
-        qo_offs = rows_m[:, None] * HEAD_DIM + offs_d[None, :]
-        q = _load_tile(Q + qo_offs, rows_m, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
+        q = _load_tile(Q + rows_m[:, None] * s_qn + offs_d[None, :], rows_m, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
         lse = _load_vec(LSE + rows_m, rows_m, N, 0.0, EVEN_N)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M) = S^T
         p_t = tl.math.exp2(tl.fma(s_t, qk_scale, -lse[None, :]))
         if not EVEN_N:
             p_t = tl.where(rows_m[None, :] < N, p_t, 0.0)
-        do = _load_tile(DO + qo_offs, rows_m, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
+        do = _load_tile(DO + rows_m[:, None] * s_don + offs_d[None, :], rows_m, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
         dv = tl.dot(_operand(p_t, dot_dtype), do, dv, input_precision=PRECISION)
         delta = _load_vec(DELTA + rows_m, rows_m, N, 0.0, EVEN_N)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(_operand(ds_t, dot_dtype), q, dk, input_precision=PRECISION)
 
-    _store_tile(DK + kv_offs, dk * scale, offs_n, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
-    _store_tile(DV + kv_offs, dv, offs_n, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
-
-
-@triton.jit
-def _attention_bwd_dq_kernel(
-    Q, K, V, DO,  # inputs and output gradient (B, H, N, D), contiguous
-    LSE, DELTA,  # (B, H, N) float32 from the forward pass and the delta kernel
-    DQ,  # output (B, H, N, D)
-    N, H,  # sequence length, number of heads
-    qk_scale,  # scale * log2(e)
-    scale,  # softmax scale
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # queries per program (resident)
-    BLOCK_N: tl.constexpr,  # keys per loop step
-    EVEN_N: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """One block of queries: ``dq = scale dS k``, looping over all keys."""
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    bh = tl.program_id(2).to(tl.int64) * H + tl.program_id(1)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    Q += bh * N * HEAD_DIM
-    K += bh * N * HEAD_DIM
-    V += bh * N * HEAD_DIM
-    DO += bh * N * HEAD_DIM
-    DQ += bh * N * HEAD_DIM
-    LSE += bh * N
-    DELTA += bh * N
-    dot_dtype = Q.dtype.element_ty
-
-    qo_offs = offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    q = _load_tile(Q + qo_offs, offs_m, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
-    do = _load_tile(DO + qo_offs, offs_m, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
-    lse = _load_vec(LSE + offs_m, offs_m, N, 0.0, EVEN_N)
-    delta = _load_vec(DELTA + offs_m, offs_m, N, 0.0, EVEN_N)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        rows_n = start_n + offs_n
-        kv_offs = rows_n[:, None] * HEAD_DIM + offs_d[None, :]
-        k = _load_tile(K + kv_offs, rows_n, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        p = tl.math.exp2(tl.fma(s, qk_scale, -lse[:, None]))
-        if not EVEN_N:
-            p = tl.where(rows_n[None, :] < N, p, 0.0)
-        v = _load_tile(V + kv_offs, rows_n, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(_operand(ds, dot_dtype), k, dq, input_precision=PRECISION)
-
-    _store_tile(DQ + qo_offs, dq * scale, offs_m, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
+    g_offs = offs_n[:, None] * s_gn + offs_d[None, :]
+    _store_tile(DK + g_offs, dk * scale, offs_n, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
+    _store_tile(DV + g_offs, dv, offs_n, N, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,14 +317,18 @@ def _attention_bwd_dq_kernel(
 # tensor-core operands, "tf32" for float32 on TF32 tensor cores (twice the bytes and registers),
 # "fma" for float32 IEEE dots on the CUDA cores (register-bound, so small tiles); "64" for D <= 64,
 # "128" for 64 < D <= 128. Each listed config was compiled for sm_90 (Triton 3.9, ragged-N variant)
-# and needs no stack: no register spills.
+# and needs no stack: no register spills (the mma16-128 additions were checked with the strided
+# kernels, even and ragged N; a 256-query, 16-warp forward spilled and is left out). These tables are
+# the CUDA autotune space; the interpreter runs one config.
 _CONFIGS = {
     # Forward: 128 queries per program on 1-2 warpgroups, key blocks of 64/128 pipelined 2-4 deep.
     "fwd": {
         "mma16-64": [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4),
                      (64, 64, 4, 3), (64, 128, 4, 3)],
         "mma16-128": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3),
-                      (64, 128, 4, 3)],
+                      (64, 128, 4, 3),
+                      # Hopper candidates for the D = 128 gap: shallower / deeper pipelines, narrower key steps
+                      (128, 64, 8, 2), (128, 64, 8, 5), (128, 32, 8, 3), (128, 32, 8, 4), (64, 64, 4, 4)],
         "tf32-64": [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3)],
         "tf32-128": [(64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3)],
         "fma-64": [(32, 32, 4, 2), (32, 64, 4, 2), (16, 32, 4, 2)],
@@ -334,7 +338,8 @@ _CONFIGS = {
     "dkdv": {
         "mma16-64": [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3),
                      (64, 64, 8, 3)],
-        "mma16-128": [(32, 128, 8, 3), (32, 64, 4, 4), (64, 64, 8, 3), (32, 64, 4, 3), (16, 64, 4, 3)],
+        "mma16-128": [(32, 128, 8, 3), (32, 64, 4, 4), (64, 64, 8, 3), (32, 64, 4, 3), (16, 64, 4, 3),
+                      (64, 128, 8, 2), (32, 128, 8, 2), (16, 128, 8, 3), (32, 64, 4, 2)],
         "tf32-64": [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 8, 3)],
         "tf32-128": [(16, 64, 4, 3)],
         "fma-64": [(16, 32, 4, 2)],
@@ -344,7 +349,8 @@ _CONFIGS = {
     "dq": {
         "mma16-64": [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3),
                      (64, 64, 8, 3)],
-        "mma16-128": [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3), (64, 64, 8, 3)],
+        "mma16-128": [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3), (64, 64, 8, 3),
+                      (128, 64, 8, 2), (128, 32, 8, 4), (128, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2)],
         "tf32-64": [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 64, 8, 3)],
         "tf32-128": [(128, 32, 8, 3), (64, 32, 4, 4), (64, 64, 8, 3), (64, 32, 8, 3)],
         "fma-64": [(32, 16, 4, 2), (32, 32, 4, 2), (64, 16, 4, 2)],
@@ -359,7 +365,6 @@ _SHARED_ROWS = {
 }
 _SHARED_LIMIT = 227 * 1024  # bytes of shared memory one program may use on an H100 (sm_90)
 _INTERPRET_CONFIG = (64, 32, 4, 1)  # unequal block sides, so both ragged masks are exercised
-_DELTA_BLOCK_M = 32 if _INTERPRET else 128
 
 
 def _tile_class(block_d: int, precision: str, itemsize: int) -> str:
@@ -430,37 +435,63 @@ def _rows_grid(b: int, h: int, n: int, key: str):
     return lambda meta: (triton.cdiv(n, meta[key]), h, b)
 
 
+def _unit_last(x: Tensor) -> Tensor:
+    """``x`` itself when its D axis has unit stride (the kernels take any B, H, N strides), else a contiguous copy.
+
+    A fused qkv projection's ``reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)`` views pass without a copy.
+    """
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def _empty_layout(x: Tensor) -> Tensor:
+    """An empty ``(B, H, N, D)`` tensor like ``x``: token-major (a ``(B, N, H, D)`` buffer seen through
+    ``transpose(1, 2)``) when ``x``'s heads are inner to its tokens, as in a fused qkv projection, so that
+    ``out.transpose(1, 2).reshape(B, N, H * D)`` is a view; else contiguous. The fakes use the same rule."""
+    b, h, n, d = x.shape
+    if x.stride(1) < x.stride(2):
+        return x.new_empty((b, n, h, d)).transpose(1, 2)
+    return x.new_empty((b, h, n, d))
+
+
+def _bhn_strides(x: Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
 def _fwd_launch(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """Run the forward kernel; returns ``o: (B, H, N, D)`` and ``lse: (B, H, N)`` float32 in log2 units."""
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    """Run the forward kernel; returns ``o: (B, H, N, D)`` (q's layout rule) and ``lse: (B, H, N)`` float32, log2."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     b, h, n, d = q.shape
-    o = torch.empty_like(q)
-    lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
+    o = _empty_layout(q)
+    lse = q.new_empty((b, h, n), dtype=torch.float32)
     if o.numel() == 0:
         return o, lse
     _attention_fwd[_rows_grid(b, h, n, "BLOCK_M")](
-        q, k, v, o, lse, n, h, scale * _LOG2E,
-        HEAD_DIM=d, BLOCK_D=_block_d(d), PRECISION=_precision(q.dtype))
+        q, k, v, o, lse, n, h, *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(o),
+        scale * _LOG2E, HEAD_DIM=d, BLOCK_D=_block_d(d), PRECISION=_precision(q.dtype))
     return o, lse
 
 
 def _bwd_launch(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Run the delta, dK/dV and dQ kernels; returns ``dq, dk, dv: (B, H, N, D)``."""
-    do, q, k, v, o = (t.contiguous() for t in (do, q, k, v, o))
+    """Run the dQ kernel (which also writes delta) and then the dK/dV kernel; returns ``dq, dk, dv``.
+
+    Two launches, no copies of strided inputs, no separate delta pass. ``dq`` follows q's layout rule,
+    ``dk`` and ``dv`` k's.
+    """
+    do, q, k, v, o = (_unit_last(t) for t in (do, q, k, v, o))
     b, h, n, d = q.shape
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = _empty_layout(q), _empty_layout(k), _empty_layout(k)
     if q.numel() == 0:
         return dq, dk, dv
-    block_d, precision = _block_d(d), _precision(q.dtype)
-    delta = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
-    _attention_bwd_delta_kernel[(triton.cdiv(n, _DELTA_BLOCK_M), h, b)](
-        o, do, delta, n, h, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=_DELTA_BLOCK_M)
-    common = dict(HEAD_DIM=d, BLOCK_D=block_d, PRECISION=precision)
-    _attention_bwd_dkdv[_rows_grid(b, h, n, "BLOCK_N")](
-        q, k, v, do, lse, delta, dk, dv, n, h, scale * _LOG2E, scale, **common)
+    delta = q.new_empty((b, h, n), dtype=torch.float32)
+    qkv_strides = (*_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v))
+    common = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), PRECISION=_precision(q.dtype))
     _attention_bwd_dq[_rows_grid(b, h, n, "BLOCK_M")](
-        q, k, v, do, lse, delta, dq, n, h, scale * _LOG2E, scale, **common)
+        q, k, v, o, do, lse, delta, dq, n, h, *qkv_strides, *_bhn_strides(o), *_bhn_strides(do),
+        *_bhn_strides(dq), scale * _LOG2E, scale, **common)
+    _attention_bwd_dkdv[_rows_grid(b, h, n, "BLOCK_N")](
+        q, k, v, do, lse, delta, dk, dv, n, h, *qkv_strides, *_bhn_strides(do), *_bhn_strides(dk),
+        scale * _LOG2E, scale, **common)
     return dq, dk, dv
 
 
@@ -479,7 +510,7 @@ def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
 
 @_attention_fwd_op.register_fake
 def _(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return _empty_layout(_unit_last(q)), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("kdiff::attention_bwd", mutates_args=())
@@ -491,7 +522,8 @@ def _attention_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, ls
 @_attention_bwd_op.register_fake
 def _(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
       scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    q, k = _unit_last(q), _unit_last(k)
+    return _empty_layout(q), _empty_layout(k), _empty_layout(k)
 
 
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
@@ -562,8 +594,32 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> float
     return float(scale)
 
 
+SDPA_BELOW_DEFAULT = 1024  # sequences shorter than this go to SDPA on CUDA (see sdpa_below)
+
+
+def sdpa_below() -> int:
+    """The sequence length below which CUDA calls go to ``F.scaled_dot_product_attention`` under ``auto``.
+
+    ``KDIFF_ATTENTION_SDPA_BELOW`` (an int >= 0; 0 sends every length to the kernel), default 1024. Measured
+    on an H100 (bf16, fwd+bwd, torch 2.11, Triton 3.6): the kernel reached 0.43x of cuDNN SDPA at N = 256
+    (D 64, B 64, H 8) and 1.00x at N = 1024 (D 64), so short sequences, where launch and host overhead
+    dominate, take torch's own fastest backend.
+    """
+    raw = os.environ.get("KDIFF_ATTENTION_SDPA_BELOW", "").strip()
+    if not raw:
+        return SDPA_BELOW_DEFAULT
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"KDIFF_ATTENTION_SDPA_BELOW: expected an int >= 0, got {raw!r}")
+    return value
+
+
 def _use_triton(q: Tensor) -> bool:
-    """The dispatch rule (kernels/_dispatch.py); float64 always takes the torch path."""
+    """The dispatch rule (kernels/_dispatch.py); float64 always takes the torch path; under ``auto``, CUDA
+    sequences shorter than :func:`sdpa_below` take SDPA. ``KDIFF_KERNELS=triton`` forces the kernel."""
     if q.dtype not in _KERNEL_DTYPES or backend(q, has_numba=False) != "triton":
         return False
     if not (q.is_cuda or _INTERPRET):
@@ -572,7 +628,8 @@ def _use_triton(q: Tensor) -> bool:
     if max(q.shape[0], q.shape[1]) > _MAX_GRID:
         raise ValueError(f"q: expected B <= {_MAX_GRID} and H <= {_MAX_GRID} (grid limits of the Triton kernel), "
                          f"got shape {tuple(q.shape)}")
-    return True
+    forced = os.environ.get("KDIFF_KERNELS", "auto").strip().lower() == "triton"
+    return forced or not q.is_cuda or q.shape[-2] >= sdpa_below()
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
@@ -580,13 +637,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) ->
 
     FlashAttention-2 (Dao 2023, Alg. 1-2) in Triton for CUDA tensors (and CPU tensors under
     ``TRITON_INTERPRET=1``) in fp16, bf16 or float32, D <= 128, any N; differentiable in q, k, v
-    and deterministic. Other tensors (CPU, float64, ``KDIFF_KERNELS=torch``) go to
-    ``F.scaled_dot_product_attention``. Returns ``(B, H, N, D)`` in the inputs' dtype.
+    and deterministic. On CUDA, sequences shorter than :func:`sdpa_below` (default 1024, environment
+    ``KDIFF_ATTENTION_SDPA_BELOW``) go to ``F.scaled_dot_product_attention``, whose fastest backend
+    (cuDNN on an H100) beat the kernel there; ``KDIFF_KERNELS=triton`` forces the kernel at every N.
+    Other tensors (CPU, float64, ``KDIFF_KERNELS=torch``) go to SDPA too. q, k, v may be strided views
+    (a fused qkv projection's) as long as D has unit stride; the output of token-major inputs is
+    token-major, so ``out.transpose(1, 2).reshape(B, N, H * D)`` is free. Under ``torch.compile`` each
+    path is one graph node (the ``kdiff::attention_fwd`` custom op, or SDPA). Returns ``(B, H, N, D)``
+    in the inputs' dtype.
     """
     scale = _check_inputs(q, k, v, scale)
     if not _use_triton(q):
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # saved for backward without another copy
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)  # saved for backward without another copy
     if torch.compiler.is_compiling():
         return _attention_fwd_op(q, k, v, scale)[0]
     return _Attention.apply(q, k, v, scale)

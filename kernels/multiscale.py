@@ -14,12 +14,16 @@ unused) and require ``H`` and ``W`` to divide by ``2^(len(weights) - 1)``.
 
 With ``S_l`` the ``k_l x k_l`` block *sums* of ``diff = pred - target`` and ``gamma_l = w_l / (H W 4^l)``:
 ``L_b = sum_l gamma_l ||S_l||^2`` and ``dL_b / dpred = 2 sum_l gamma_l S_l[y // k_l, x // k_l]``.
-The kernels compute both in one read of ``pred`` and ``target``; backward only scales the stored
-gradient by the upstream gradient (and skips that when it is 1).
+The kernels compute both in one read of ``pred`` and ``target``; backward scales the stored gradient
+by the upstream gradient, always, in one elementwise pass fused with the cast to ``pred``'s dtype (no
+host synchronization and no data-dependent branch, so forward and backward can be captured in a CUDA
+graph once warmed up).
 
 Loss: ``[B]`` in float32 (float64 for float64 inputs). Stored gradient: the input dtype, except float16,
 whose gradient is kept in float32: ``2 gamma_l`` is ~1e-7 at 256^2, below float16's smallest
-subnormal, so a loss-scaled backward would otherwise read zeros.
+subnormal, so a loss-scaled backward would otherwise read zeros. The stored gradient, and so the
+gradients returned, have ``pred``'s memory layout (``torch.empty_like(pred)``: channels_last stays
+channels_last, a non-dense view gives a contiguous gradient) on every backend and in the fake.
 """
 
 from __future__ import annotations
@@ -96,6 +100,12 @@ def level_gammas(height: int, width: int, weights: Sequence[float]) -> list[floa
     return [w / (height * width * 4.0**l) for l, w in enumerate(weights)]
 
 
+@functools.lru_cache(maxsize=256, typed=True)
+def _default_gammas(height: int, width: int, base: int) -> tuple[float, ...]:
+    """``level_gammas`` of the default weights, cached: the per-call host work of the common case."""
+    return tuple(level_gammas(height, width, multiscale_weights(height, width, base=base)))
+
+
 def _check_inputs(pred: Tensor, target: Tensor) -> None:
     check_float(pred, "pred")
     check_float(target, "target")
@@ -118,6 +128,11 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype
+
+
+def _empty_grad(pred: Tensor) -> Tensor:
+    """The stored gradient's buffer: ``_grad_dtype``, in ``pred``'s memory layout (``torch.empty_like``)."""
+    return torch.empty_like(pred, dtype=_grad_dtype(pred.dtype))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,7 +169,7 @@ def _multiscale_mse_torch(pred: Tensor, target: Tensor, gammas: Sequence[float],
         loss = loss + gamma * sums.pow(2).sum(dim=(1, 2, 3))
         if write_grad:
             grad = grad + 2 * gamma * sums.repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1)
-    return loss, grad.to(_grad_dtype(pred.dtype))
+    return loss, (_empty_grad(pred).copy_(grad) if write_grad else grad.to(_grad_dtype(pred.dtype)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,76 +177,100 @@ def _multiscale_mse_torch(pred: Tensor, target: Tensor, gammas: Sequence[float],
 # --------------------------------------------------------------------------------------------------
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_MAX_TILE = 16384  # elements per program; coarsest cells larger than that run the torch fallback
+_MAX_REGS_ROWS = 128  # K * (elements per 16-byte vector) above which a unit's K rows are split over warps
+
+# Work decomposition. A *unit* is K rows x V columns of one (b, c) plane, K = 2^(LEVELS - 1) the side of the
+# coarsest cell and V a power-of-two multiple of K: every cell of every level lies inside one unit, so a unit
+# is computed from its own bytes alone, each read once. Units are numbered plane-major, then stripe of K rows,
+# then column chunk, so consecutive units are adjacent in memory and the units of sample b are contiguous
+# (their loss partials sum to L_b). A program takes A consecutive units as one (K, A, V) tile. Triton gives
+# the 16-byte vector of a load's contiguous axis to one thread, the 32 lanes of a warp to V / vec vectors
+# and then to units, and the warps to units, so the K rows of a vector stay in one thread: the vertical
+# block sums are register adds and the horizontal ones stay inside a thread or a warp (shuffles), with no
+# shared memory and no barrier (checked on sm_90 PTX).
 
 if triton is not None:
     @triton.jit
-    def _block_sums(x, BH: tl.constexpr, BW: tl.constexpr, K: tl.constexpr):
-        """``S[i, j] = sum_{a, b < K} x[K i + a, K j + b]``; ``x: (BH, BW) -> (BH / K, BW / K)``."""
-        return tl.sum(tl.sum(tl.reshape(x, [BH // K, K, BW // K, K]), axis=3), axis=1)
+    def _pool2(s, R: tl.constexpr, A: tl.constexpr, V: tl.constexpr):
+        """2 x 2 block sums of each unit: ``(R, A, V) -> (R / 2, A, V / 2)``."""
+        return tl.sum(tl.sum(tl.reshape(s, [R // 2, 2, A, V // 2, 2]), axis=4), axis=1)
 
     @triton.jit
-    def _upsample(s, BH: tl.constexpr, BW: tl.constexpr, K: tl.constexpr):
-        """``out[y, x] = s[y // K, x // K]``; ``s: (BH / K, BW / K) -> (BH, BW)``."""
-        cells = tl.broadcast_to(tl.reshape(s, [BH // K, 1, BW // K, 1]), [BH // K, K, BW // K, K])
-        return tl.reshape(cells, [BH, BW])
+    def _upsample(s, R: tl.constexpr, A: tl.constexpr, V: tl.constexpr, F: tl.constexpr):
+        """``out[i, a, j] = s[i // F, a, j // F]``: ``(R / F, A, V / F) -> (R, A, V)``."""
+        cells = tl.broadcast_to(tl.reshape(s, [R // F, 1, A, V // F, 1]), [R // F, F, A, V // F, F])
+        return tl.reshape(cells, [R, A, V])
 
-    @triton.autotune(
-        configs=[triton.Config({}, num_warps=4)] if _INTERPRET
-        else [triton.Config({}, num_warps=w) for w in (2, 4, 8, 16)],
-        key=["H", "W", "LEVELS", "BH", "BW", "WRITE_GRAD"],
-    )
     @triton.jit
     def _multiscale_mse_kernel(
         pred_ptr,      # *T  (B, C, H, W) with strides (s_pb, s_pc, s_ph, s_pw); T = fp16 | bf16 | fp32 | fp64
         target_ptr,    # *T  (B, C, H, W) with strides (s_tb, s_tc, s_th, s_tw)
-        grad_ptr,      # *G  (B, C, H, W) contiguous: dL_b / dpred, written iff WRITE_GRAD
-        partial_ptr,   # *ACC (B * C * n_tiles,): this program's share of L_b, slot = its linear program id
+        grad_ptr,      # *G  (B, C, H, W) with strides (s_gb, s_gc, s_gh, s_gw): dL_b / dpred, written iff WRITE_GRAD
+        partial_ptr,   # *ACC (n_units,): sum_l gamma_l ||S_l||^2 over one unit
         gamma_ptr,     # *ACC (LEVELS,): gamma_l = w_l / (H W 4^l)
+        n_units,       # B * C * (H / K) * n_chunks
         C, H, W,       # channels, height, width
+        n_chunks,      # column chunks of V per stripe: cdiv(W, V)
         s_pb, s_pc, s_ph, s_pw,
         s_tb, s_tc, s_th, s_tw,
-        LEVELS: tl.constexpr,      # number of levels; the coarsest cell is K x K, K = 2^(LEVELS - 1)
-        BH: tl.constexpr,          # tile rows, a power-of-two multiple of K
-        BW: tl.constexpr,          # tile columns, a power-of-two multiple of K
+        s_gb, s_gc, s_gh, s_gw,
+        LEVELS: tl.constexpr,      # number of levels
+        K: tl.constexpr,           # 2^(LEVELS - 1): rows per unit, side of the coarsest cell
+        V: tl.constexpr,           # columns per unit, a power-of-two multiple of K
+        A: tl.constexpr,           # units per program
         WRITE_GRAD: tl.constexpr,  # store dL / dpred
         ACC: tl.constexpr,         # tl.float32, or tl.float64 for float64 inputs
     ):
-        pid_bc, pid_h, pid_w = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        b = (pid_bc // C).to(tl.int64)
-        c = (pid_bc % C).to(tl.int64)
-        rows = pid_h * BH + tl.arange(0, BH)
-        cols = pid_w * BW + tl.arange(0, BW)
-        # H and W divide by K and tiles start on multiples of K, so masked lanes are whole cells of zeros.
-        mask = (rows[:, None] < H) & (cols[None, :] < W)
-        p_offs = b * s_pb + c * s_pc + rows[:, None].to(tl.int64) * s_ph + cols[None, :] * s_pw
-        t_offs = b * s_tb + c * s_tc + rows[:, None].to(tl.int64) * s_th + cols[None, :] * s_tw
+        units = tl.program_id(0) * A + tl.arange(0, A)
+        chunk = units % n_chunks
+        stripe_plane = units // n_chunks
+        n_stripes = H // K
+        row0 = ((stripe_plane % n_stripes) * K).to(tl.int64)
+        plane = stripe_plane // n_stripes
+        b = (plane // C).to(tl.int64)
+        c = (plane % C).to(tl.int64)
+        rows = tl.arange(0, K)[:, None, None].to(tl.int64)
+        cols = chunk[:, None] * V + tl.arange(0, V)[None, :]                     # (A, V)
+        # masked lanes (past the last unit, or past W in the last chunk; W divides by K) are whole cells of zeros
+        mask = ((units[:, None] < n_units) & (cols < W))[None, :, :]             # (1, A, V)
+        p_offs = (b * s_pb + c * s_pc + row0 * s_ph)[None, :, None] + rows * s_ph + cols[None, :, :] * s_pw
+        t_offs = (b * s_tb + c * s_tc + row0 * s_th)[None, :, None] + rows * s_th + cols[None, :, :] * s_tw
         diff = (tl.load(pred_ptr + p_offs, mask=mask, other=0.0).to(ACC)
-                - tl.load(target_ptr + t_offs, mask=mask, other=0.0).to(ACC))
+                - tl.load(target_ptr + t_offs, mask=mask, other=0.0).to(ACC))   # (K, A, V)
 
         gamma = tl.load(gamma_ptr)
-        loss = gamma * tl.sum(tl.sum(diff * diff, axis=1), axis=0)
+        loss = gamma * tl.sum(tl.sum(diff * diff, axis=0), axis=1)               # (A,): rows in-thread first
         grad = (2.0 * gamma) * diff
+        sums = diff
         for l in tl.static_range(1, LEVELS):
-            sums = _block_sums(diff, BH, BW, 1 << l)
+            sums = _pool2(sums, K >> (l - 1), A, V >> (l - 1))                     # S_l: (K >> l, A, V >> l)
             gamma = tl.load(gamma_ptr + l)
-            loss += gamma * tl.sum(tl.sum(sums * sums, axis=1), axis=0)
+            loss += gamma * tl.sum(tl.sum(sums * sums, axis=0), axis=1)
             if WRITE_GRAD:
-                grad += (2.0 * gamma) * _upsample(sums, BH, BW, 1 << l)
+                grad += (2.0 * gamma) * _upsample(sums, K, A, V, 1 << l)
 
-        n_h, n_w = tl.num_programs(1), tl.num_programs(2)
-        tl.store(partial_ptr + (pid_bc * n_h + pid_h) * n_w + pid_w, loss)
+        tl.store(partial_ptr + units, loss, mask=units < n_units)
         if WRITE_GRAD:
-            g_offs = ((b * C + c) * H + rows[:, None].to(tl.int64)) * W + cols[None, :]
+            g_offs = (b * s_gb + c * s_gc + row0 * s_gh)[None, :, None] + rows * s_gh + cols[None, :, :] * s_gw
             tl.store(grad_ptr + g_offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _tile(height: int, width: int, levels: int) -> tuple[int, int]:
-    """Power-of-two tile ``(BH, BW)`` of whole ``K x K`` coarsest cells, ~4096 elements."""
+def _launch_shape(width: int, levels: int, itemsize: int, num_warps: int) -> tuple[int, int]:
+    """``(V, A)``: columns per unit and units per program for one program of ``num_warps`` warps.
+
+    ``V``: the columns one warp loads in 16-byte vectors (``32 * 16 / itemsize``), cut to the next power of two
+    >= W for narrow images, never below K. ``A``: enough units for every lane and warp to hold a vector of its
+    own; 1 when K rows of a vector would not fit one thread's registers (then the rows spread over warps).
+    """
     k = 2 ** (levels - 1)
-    bw = max(k, min(triton.next_power_of_2(width), 256))
-    bh = max(k, min(triton.next_power_of_2(height), 4096 // bw))
-    return bh, bw
+    vec = 16 // itemsize
+    v = max(k, min(triton.next_power_of_2(width), 32 * vec))
+    if k * vec > _MAX_REGS_ROWS:
+        return v, 1
+    return v, max(1, 32 * vec * num_warps // v)
+
+
+_NUM_WARPS = 1 if _INTERPRET else 4  # the interpreter runs one program per unit set; small A keeps tests quick
 
 
 @functools.lru_cache(maxsize=64)
@@ -249,18 +288,21 @@ def _multiscale_mse_triton(pred: Tensor, target: Tensor, gammas: Sequence[float]
                          f"{pred.device}")
     n_b, n_c, height, width = pred.shape
     levels = len(gammas)
-    bh, bw = _tile(height, width, levels)
-    if bh * bw > _MAX_TILE:
+    k = 2 ** (levels - 1)
+    if k * 16 // pred.element_size() > 4 * _MAX_REGS_ROWS:  # 16-bit: cells of 128 x 128 and more; too many registers
         return _multiscale_mse_torch(pred, target, gammas, write_grad)
+    v, a = _launch_shape(width, levels, pred.element_size(), _NUM_WARPS)
+    n_chunks = triton.cdiv(width, v)
+    n_units = n_b * n_c * (height // k) * n_chunks
     acc = _acc_dtype(pred.dtype)
-    grid = (n_b * n_c, triton.cdiv(height, bh), triton.cdiv(width, bw))
-    partial = torch.empty(grid[0] * grid[1] * grid[2], dtype=acc, device=pred.device)
-    grad = torch.empty(pred.shape if write_grad else (0,), dtype=_grad_dtype(pred.dtype), device=pred.device)
-    _multiscale_mse_kernel[grid](
+    partial = torch.empty(n_units, dtype=acc, device=pred.device)
+    grad = _empty_grad(pred) if write_grad else pred.new_empty(0, dtype=_grad_dtype(pred.dtype))
+    _multiscale_mse_kernel[(triton.cdiv(n_units, a),)](
         pred, target, grad, partial, _gamma_tensor(tuple(gammas), acc, pred.device),
-        n_c, height, width, *pred.stride(), *target.stride(),
-        LEVELS=levels, BH=bh, BW=bw, WRITE_GRAD=write_grad,
-        ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        n_units, n_c, height, width, n_chunks, *pred.stride(), *target.stride(),
+        *(grad.stride() if write_grad else (0, 0, 0, 0)),
+        LEVELS=levels, K=k, V=v, A=a, WRITE_GRAD=write_grad,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=_NUM_WARPS,
     )
     return partial.view(n_b, -1).sum(dim=1), grad
 
@@ -460,8 +502,11 @@ def _multiscale_mse_cpu(pred: Tensor, target: Tensor, gammas: Sequence[float],
         raise ValueError(f"pred: the numba backend needs CPU tensors, got device {pred.device}")
     n_b, n_c, height, _ = pred.shape
     acc = _acc_dtype(pred.dtype)
+    out = _empty_grad(pred) if write_grad else None
     pred, target = pred.detach().contiguous(), target.detach().contiguous()
-    grad = torch.empty(pred.shape if write_grad else (1, 1, 1, 1), dtype=_grad_dtype(pred.dtype))
+    # the kernel writes C-contiguous rows: straight into ``out`` when it is contiguous, else via a copy
+    grad = out if out is not None and out.is_contiguous() else torch.empty(
+        pred.shape if write_grad else (1, 1, 1, 1), dtype=_grad_dtype(pred.dtype))
     n_stripes = n_b * n_c * (height // 2 ** (len(gammas) - 1))
     partial = torch.empty(n_stripes, dtype=torch.float64)
     gamma = np.asarray(gammas, dtype=np.float64 if acc == torch.float64 else np.float32)
@@ -474,16 +519,18 @@ def _multiscale_mse_cpu(pred: Tensor, target: Tensor, gammas: Sequence[float],
         pool = _thread_pool(workers)
         for job in [pool.submit(_multiscale_mse_numba, *args, lo, hi) for lo, hi in zip(bounds, bounds[1:])]:
             job.result()
-    return partial.view(n_b, -1).sum(dim=1).to(acc), grad if write_grad else grad.new_empty(0)
+    if out is None:
+        return partial.view(n_b, -1).sum(dim=1).to(acc), grad.new_empty(0)
+    return partial.view(n_b, -1).sum(dim=1).to(acc), grad if grad is out else out.copy_(grad)
 
 
 # --------------------------------------------------------------------------------------------------
 # Custom op with autograd
 # --------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("kdiff::multiscale_mse", mutates_args=())
-def _multiscale_mse_op(pred: Tensor, target: Tensor, gammas: list[float], write_grad: bool) -> tuple[Tensor, Tensor]:
-    """``(L [B], dL/dpred (B, C, H, W) or empty)`` on the backend the dispatch rule picks."""
+def _multiscale_mse_impl(pred: Tensor, target: Tensor, gammas: Sequence[float],
+                         write_grad: bool) -> tuple[Tensor, Tensor]:
+    """``(L [B], dL/dpred (B, C, H, W) in pred's layout, or empty)`` on the backend the dispatch rule picks."""
     choice = backend(pred, has_numba=True)
     if choice == "triton":
         return _multiscale_mse_triton(pred, target, gammas, write_grad)
@@ -492,11 +539,40 @@ def _multiscale_mse_op(pred: Tensor, target: Tensor, gammas: list[float], write_
     return _multiscale_mse_torch(pred, target, gammas, write_grad)
 
 
+@torch.library.custom_op("kdiff::multiscale_mse", mutates_args=())
+def _multiscale_mse_op(pred: Tensor, target: Tensor, gammas: list[float], write_grad: bool) -> tuple[Tensor, Tensor]:
+    """``(L [B], dL/dpred (B, C, H, W) in pred's layout, or empty)`` on the backend the dispatch rule picks."""
+    return _multiscale_mse_impl(pred, target, gammas, write_grad)
+
+
 @_multiscale_mse_op.register_fake
 def _(pred: Tensor, target: Tensor, gammas: list[float], write_grad: bool) -> tuple[Tensor, Tensor]:
     loss = pred.new_empty(pred.shape[0], dtype=_acc_dtype(pred.dtype))
-    grad = pred.new_empty(pred.shape if write_grad else (0,), dtype=_grad_dtype(pred.dtype))
+    grad = _empty_grad(pred) if write_grad else pred.new_empty(0, dtype=_grad_dtype(pred.dtype))
     return loss, grad
+
+
+def _scaled(grad: Tensor, grad_loss: Tensor, dtype: torch.dtype, *, negate: bool) -> Tensor:
+    """``(+-grad_loss[b]) * grad`` in float32 (float64) cast to ``dtype``, in ``grad``'s layout.
+
+    On CUDA one elementwise kernel (``torch.mul(out=)`` casts inside the kernel). On CPU, where TensorIterator
+    would cast through full-size temporaries and a slow mixed-dtype loop, the same math as an explicit upcast,
+    in-place multiply and downcast.
+    """
+    scale = grad_loss.reshape(-1, 1, 1, 1)
+    scale = scale.neg() if negate else scale
+    if grad.device.type == "cpu" and (grad.dtype != dtype or dtype in (torch.bfloat16, torch.float16)):
+        return grad.to(scale.dtype).mul_(scale).to(dtype)
+    return torch.mul(grad, scale, out=torch.empty_like(grad, dtype=dtype))
+
+
+def _input_grads(grad: Tensor, grad_loss: Tensor, dtype: torch.dtype,
+                 needs: tuple[bool, bool]) -> tuple[Tensor | None, Tensor | None]:
+    """``dL/dpred`` and ``dL/dtarget`` (where needed) from the stored gradient; no host sync, no branch on data."""
+    if grad.numel() == 0:
+        raise RuntimeError("multiscale_mse: backward through a call made without gradients enabled")
+    return (_scaled(grad, grad_loss, dtype, negate=False) if needs[0] else None,
+            _scaled(grad, grad_loss, dtype, negate=True) if needs[1] else None)
 
 
 def _setup_context(ctx: FunctionCtx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
@@ -507,26 +583,33 @@ def _setup_context(ctx: FunctionCtx, inputs: tuple, output: tuple[Tensor, Tensor
     ctx.set_materialize_grads(False)  # no zeros for the gradient output's (absent) upstream gradient
 
 
-def _is_one(grad_loss: Tensor) -> bool:
-    """True when every upstream gradient is 1 (a ``.sum()``); never assumed while compiling."""
-    return not torch.compiler.is_compiling() and bool((grad_loss == 1).all())
-
-
 def _backward(ctx: FunctionCtx, grad_loss: Tensor | None,
               _grad_grad: Tensor | None) -> tuple[Tensor | None, Tensor | None, None, None]:
-    (grad,) = ctx.saved_tensors
     if grad_loss is None:
         return None, None, None, None
-    if grad.numel() == 0:
-        raise RuntimeError("multiscale_mse: backward through a call made without gradients enabled")
-    if not _is_one(grad_loss):
-        grad = grad * grad_loss.reshape(-1, 1, 1, 1)
-    grad = grad.to(ctx.pred_dtype)
-    need_pred, need_target = ctx.needs_input_grad[:2]
-    return grad if need_pred else None, -grad if need_target else None, None, None
+    (grad,) = ctx.saved_tensors
+    return (*_input_grads(grad, grad_loss, ctx.pred_dtype, ctx.needs_input_grad[:2]), None, None)
 
 
 _multiscale_mse_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _MultiscaleMSE(torch.autograd.Function):
+    """Eager autograd over the same launchers: the custom op's Python dispatch costs more host time than
+    the kernel takes on a GPU, so eager calls skip it (torch.compile traces the custom op instead)."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, pred: Tensor, target: Tensor, gammas: Sequence[float], write_grad: bool) -> Tensor:
+        loss, grad = _multiscale_mse_impl(pred.detach(), target.detach(), gammas, write_grad)
+        ctx.pred_dtype = pred.dtype
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: FunctionCtx, grad_loss: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        (grad,) = ctx.saved_tensors
+        return (*_input_grads(grad, grad_loss, ctx.pred_dtype, ctx.needs_input_grad[:2]), None, None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -551,7 +634,11 @@ def multiscale_mse(pred: Tensor, target: Tensor, *, base: int = 32,
     """
     _check_inputs(pred, target)
     height, width = pred.shape[-2:]
-    gammas = level_gammas(height, width, multiscale_weights(height, width, base=base, weights=weights))
+    if weights is None and not torch.compiler.is_compiling():
+        gammas = list(_default_gammas(height, width, base))
+    else:
+        gammas = level_gammas(height, width, multiscale_weights(height, width, base=base, weights=weights))
     write_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
-    loss, _ = _multiscale_mse_op(pred, target, gammas, write_grad)
-    return loss
+    if torch.compiler.is_compiling():
+        return _multiscale_mse_op(pred, target, gammas, write_grad)[0]
+    return _MultiscaleMSE.apply(pred, target, gammas, write_grad)

@@ -158,6 +158,60 @@ def test_non_contiguous_inputs_and_stride_zero_gradient():
 
 
 @triton_on_cpu
+def test_fused_qkv_views_are_not_copied_and_the_output_is_token_major(monkeypatch: pytest.MonkeyPatch):
+    """Views of a (B, N, 3, H, D) projection reach the kernel as they are; the output is a (B, N, H, D)
+    buffer seen as (B, H, N, D), so merging the heads back is a view, and the gradients are exact."""
+    gen = torch.Generator().manual_seed(12)
+    qkv = torch.randn(2, 19, 3, 2, 16, generator=gen, dtype=torch.float64)
+    views = [t.float().detach().permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3).requires_grad_()
+             for t in qkv.permute(2, 0, 3, 1, 4)]
+    assert not views[0].is_contiguous() and views[0].stride(-1) == 1
+    seen = []
+    launch = attention_module._fwd_launch
+    monkeypatch.setattr(attention_module, "_fwd_launch", lambda q, *a: seen.append(q.data_ptr()) or launch(q, *a))
+    o = attention(*views)
+    assert seen == [views[0].data_ptr()]
+    assert o.transpose(1, 2).is_contiguous()
+    do = torch.randn(o.shape, generator=gen)
+    o.backward(do)
+    exact = _forward_backward(attention_ref, *(t.detach().double() for t in views), do.double())
+    for got, want in zip((o, *(t.grad for t in views)), exact):
+        torch.testing.assert_close(got.detach().double(), want, rtol=1e-4, atol=1e-5)
+
+
+@triton_on_cpu
+@pytest.mark.parametrize("layout", ["contiguous", "token-major", "stride-0 gradient"])
+def test_custom_ops_pass_opcheck(layout: str):
+    """torch.library.opcheck (schema, autograd registration, fake tensors with strides, aot_dispatch_dynamic)
+    on the forward and backward ops."""
+    gen = torch.Generator().manual_seed(13)
+    if layout == "token-major":
+        q, k, v = torch.randn(2, 9, 3, 2, 16, generator=gen).permute(2, 0, 3, 1, 4)
+    else:
+        q, k, v = torch.randn(3, 2, 2, 9, 16, generator=gen)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    result = torch.library.opcheck(torch.ops.kdiff.attention_fwd.default, (q, k, v, 0.25))
+    assert all(r == "SUCCESS" for r in result.values()), result
+    o, lse = torch.ops.kdiff.attention_fwd(q.detach(), k.detach(), v.detach(), 0.25)
+    do = torch.ones(2, 2, 9, 16).expand_as(o) if layout == "stride-0 gradient" else torch.randn(o.shape, generator=gen)
+    args = (do, q.detach(), k.detach(), v.detach(), o, lse, 0.25)
+    result = torch.library.opcheck(torch.ops.kdiff.attention_bwd.default, args,
+                                   test_utils=("test_schema", "test_faketensor"))
+    assert all(r == "SUCCESS" for r in result.values()), result
+
+
+def test_sdpa_threshold_setting(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("KDIFF_ATTENTION_SDPA_BELOW", raising=False)
+    assert attention_module.sdpa_below() == attention_module.SDPA_BELOW_DEFAULT == 1024
+    monkeypatch.setenv("KDIFF_ATTENTION_SDPA_BELOW", "0")
+    assert attention_module.sdpa_below() == 0
+    for bad in ("-1", "short"):
+        monkeypatch.setenv("KDIFF_ATTENTION_SDPA_BELOW", bad)
+        with pytest.raises(ValueError, match=f"KDIFF_ATTENTION_SDPA_BELOW: expected an int >= 0, got '{bad}'"):
+            attention_module.sdpa_below()
+
+
+@triton_on_cpu
 def test_torch_compile_keeps_the_op_in_one_graph():
     """fullgraph=True fails on a graph break; the forward and backward graphs hold the custom ops."""
     from functorch.compile import make_boxed_func
@@ -277,7 +331,14 @@ _GPU_GRID = (
 )
 
 
+@pytest.fixture
+def kernel_at_every_n(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Triton kernel even below the SDPA threshold (``KDIFF_KERNELS=triton``)."""
+    monkeypatch.setenv("KDIFF_KERNELS", "triton")
+
+
 @pytest.mark.gpu
+@pytest.mark.usefixtures("kernel_at_every_n")
 @pytest.mark.parametrize("dtype, n, d", _GPU_GRID)
 def test_gpu_matches_float64(dtype: torch.dtype, n: int, d: int):
     b, h = (2, 3) if n <= 1024 else (1, 2)
@@ -285,6 +346,7 @@ def test_gpu_matches_float64(dtype: torch.dtype, n: int, d: int):
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("kernel_at_every_n")
 def test_gpu_tf32_when_torch_allows_it():
     """With float32 matmul precision "high" the float32 kernel uses TF32 dots, as torch's matmuls then do."""
     previous = torch.get_float32_matmul_precision()
@@ -303,6 +365,7 @@ def test_gpu_tf32_when_torch_allows_it():
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("kernel_at_every_n")
 @pytest.mark.parametrize("n", [144, 1024])
 def test_gpu_backward_is_deterministic(n: int):
     q, k, v, do = (t.to(torch.bfloat16) for t in _qkv_do((2, 4, n, 64), seed=4, device="cuda"))
@@ -313,6 +376,7 @@ def test_gpu_backward_is_deterministic(n: int):
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("kernel_at_every_n")
 def test_gpu_torch_compile_inductor_fullgraph():
     q, k, v, do = (t.to(torch.bfloat16) for t in _qkv_do((2, 4, 256, 64), seed=6, device="cuda"))
     compiled = torch.compile(lambda a, b, c: attention(a, b, c) * 2.0, fullgraph=True)
@@ -323,7 +387,40 @@ def test_gpu_torch_compile_inductor_fullgraph():
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("kernel_at_every_n")
 def test_gpu_matches_sdpa_flash_on_unet_shape():
     """A U-Net 16x16 attention in bf16: the kernel and PyTorch's own attention agree to bf16 rounding."""
     q, k, v, _ = (t.to(torch.bfloat16) for t in _qkv_do((8, 4, 256, 64), seed=9, device="cuda"))
     torch.testing.assert_close(attention(q, k, v), F.scaled_dot_product_attention(q, k, v), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_short_sequences_go_to_sdpa(monkeypatch: pytest.MonkeyPatch):
+    """Under auto, N below the threshold runs SDPA (the launcher never runs); at the threshold, the kernel."""
+    monkeypatch.delenv("KDIFF_KERNELS", raising=False)
+    monkeypatch.delenv("KDIFF_ATTENTION_SDPA_BELOW", raising=False)
+    calls = []
+    launch = attention_module._fwd_launch
+    monkeypatch.setattr(attention_module, "_fwd_launch", lambda *a: calls.append(a[0].shape[-2]) or launch(*a))
+    for n in (256, 1023, 1024):
+        q, k, v, _ = (t.to(torch.bfloat16) for t in _qkv_do((1, 2, n, 64), seed=n, device="cuda"))
+        torch.testing.assert_close(attention(q, k, v), F.scaled_dot_product_attention(q, k, v), rtol=2e-2, atol=2e-2)
+    assert calls == [1024]
+    monkeypatch.setenv("KDIFF_ATTENTION_SDPA_BELOW", "0")
+    attention(q[..., :256, :], k[..., :256, :], v[..., :256, :])
+    assert calls == [1024, 256]
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("kernel_at_every_n")
+def test_gpu_fused_qkv_views_match_contiguous():
+    """The strided (token-major) path gives bit-identical results to contiguous copies of the same inputs."""
+    gen = torch.Generator(device="cuda").manual_seed(14)
+    qkv = torch.randn(4, 256, 3, 8, 64, generator=gen, device="cuda", dtype=torch.bfloat16)
+    do = torch.randn(4, 8, 256, 64, generator=gen, device="cuda", dtype=torch.bfloat16)
+    views = [t.detach().requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4)]
+    copies = [t.detach().contiguous().requires_grad_() for t in views]
+    strided = _forward_backward(attention, *views, do)
+    dense = _forward_backward(attention, *copies, do)
+    for got, want in zip(strided, dense):
+        assert torch.equal(got, want)

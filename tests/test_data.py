@@ -499,3 +499,69 @@ def test_cli_pack_and_info(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         data.main(["pack", str(tmp_path / "nothing"), "--out", str(tmp_path / "b.h5")])
     assert e.value.code == 2 and "no such file or folder" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------- hardening
+
+
+def test_sixteen_bit_grey_png_keeps_its_levels(tmp_path):
+    """64 grey levels in a 16-bit PNG pack to 64 levels, round(v / 257), not to {0, 255}."""
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    v = (np.arange(64, dtype=np.int64) * 1040).reshape(8, 8)  # 0 .. 65520
+    Image.fromarray(v.astype(np.uint16)).save(folder / "a.png")
+    images, _, _ = read_h5(pack(folder, tmp_path / "w.h5", format="folder"))
+    expected = np.floor(v / 257.0 + 0.5).astype(np.uint8)
+    np.testing.assert_array_equal(images[0, ..., 0], expected)
+    assert len(np.unique(images)) == 64
+
+
+def _class_folders(root, names, per_class=1):
+    for k, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rand_u8((4, 4), seed=10 * k + i)).save(root / name / f"{i}.png")
+
+
+def test_folder_class_names_must_match_the_folders(tmp_path):
+    _class_folders(tmp_path / "src", ["cat", "dog"])
+    with pytest.raises(ValueError, match=r"^class_names: expected 2 names"):
+        pack(tmp_path / "src", tmp_path / "o.h5", format="folder", class_names=["a"])
+    with pytest.raises(SystemExit):
+        data.main(["pack", str(tmp_path / "src"), "--out", str(tmp_path / "o.h5"), "--class-names", "a"])
+
+
+def test_folder_with_an_empty_class_folder_is_an_error(tmp_path):
+    _class_folders(tmp_path / "src", ["a", "c"])
+    (tmp_path / "src" / "b").mkdir()
+    with pytest.raises(ValueError, match=r"^source: class folder\(s\) \['b'\].*hold no images"):
+        pack(tmp_path / "src", tmp_path / "o.h5", format="folder")
+
+
+def test_dataset_rejects_labels_outside_the_class_names(tmp_path):
+    with h5py.File(tmp_path / "bad.h5", "w") as f:  # written around the packers, which refuse such labels
+        f["images"] = rand_u8((3, 4, 4, 1))
+        f["labels"] = np.array([0, 1, 2], dtype=np.int64)
+        f.attrs.create("class_names", data=["a", "b"], dtype=h5py.string_dtype())
+    with pytest.raises(ValueError, match=r"^path: .*labels in \[0, 2\], expected \[0, 1\]"):
+        H5Dataset(tmp_path / "bad.h5")
+    with pytest.raises(ValueError, match=r"^labels: expected labels >= 0, got min -1"):
+        write_h5(tmp_path / "neg.h5", rand_u8((2, 4, 4)), np.array([-1, 1]), split="train", source="t")
+
+
+def test_dataset_index_must_be_an_int(tmp_path):
+    ds = H5Dataset(write_h5(tmp_path / "d.h5", rand_u8((3, 4, 4)), split="train", source="t"))
+    with pytest.raises(TypeError, match=r"^index: expected an int, got float"):
+        ds[1.5]
+    assert torch.equal(ds[np.int64(1)][0], ds[1][0])
+
+
+def test_python_dash_m_kdiff_data_runs(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = write_h5(tmp_path / "d.h5", rand_u8((3, 4, 4)), split="train", source="t")
+    run = subprocess.run([sys.executable, "-m", "kdiff.data", "info", str(out)], capture_output=True, text=True,
+                         env=dict(os.environ))
+    assert run.returncode == 0 and "3 images 4x4x1" in run.stdout

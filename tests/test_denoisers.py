@@ -183,3 +183,20 @@ def test_denoiser_bad_input():
         edm_denoiser(lambda z, c: z)(x, torch.ones(3))
     with pytest.raises(TypeError, match="alphas_bar"):
         vp_denoiser(lambda z, l: z, alphas_bar=torch.arange(10))
+
+
+def test_edm_denoiser_passes_conditioning_through():
+    seen = {}
+
+    def net(x_in, c_noise, labels, *, scale=1.0):
+        seen["labels"], seen["scale"] = labels, scale
+        return scale * x_in
+
+    x = torch.randn(2, 3)
+    labels = torch.tensor([4, 7])
+    out = edm_denoiser(net)(x, 1.0, labels, scale=2.0)
+    assert seen["labels"] is labels and seen["scale"] == 2.0
+    c_skip, c_out, c_in = 0.25 / 1.25, 0.5 / math.sqrt(1.25), 1 / math.sqrt(1.25)
+    torch.testing.assert_close(out, c_skip * x + c_out * 2.0 * c_in * x)
+    vp = vp_denoiser(lambda z, logsnr, labels: torch.zeros_like(z) + labels[:, None].float(), param="x")
+    torch.testing.assert_close(vp(x, 1.0, labels), labels[:, None].float().expand(2, 3))

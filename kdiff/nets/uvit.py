@@ -37,12 +37,13 @@ from .layers import (
     ResBlock,
     TransformerBlock,
     Upsample,
+    check_image_input,
+    class_embedding,
     group_norm,
     noise_cond_vector,
     resolve_heads,
     zero_,
 )
-from .unet import check_image_input, class_embedding
 
 __all__ = ["UViTConfig", "UViT"]
 
@@ -78,8 +79,10 @@ class UViTConfig:
 
 def _check_config(cfg: UViTConfig, factor: int) -> None:
     for name in ("image_size", "in_channels", "num_blocks", "width", "depth", "num_heads", "mlp_ratio",
-                 "input_levels", "norm_groups"):
+                 "input_levels", "norm_groups", "out_channels"):
         value = getattr(cfg, name)
+        if value is None and name == "out_channels":
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
     if not cfg.channels or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in cfg.channels):
@@ -164,7 +167,7 @@ class UViT(nn.Module):
 
     def forward(self, x: Tensor, noise_cond: Tensor | float, labels: Tensor | None = None) -> Tensor:
         cfg = self.cfg
-        check_image_input(x, channels=cfg.in_channels, factor=self.factor)
+        check_image_input(x, channels=cfg.in_channels, factor=self.factor, dtype=self.conv_out.weight.dtype)
         emb = self.embed(noise_cond_vector(noise_cond, x.shape[0], x.device)) + class_embedding(self.labels, labels, x)
         if cfg.input_transform:
             x = downsample_input(x, transform=cfg.input_transform, levels=cfg.input_levels)
