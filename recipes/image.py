@@ -208,6 +208,16 @@ def dataset_for(config: ImageConfig) -> data.H5Dataset:
                           flip_p=0.5 if config.flip else 0.0, seed=config.seed)
 
 
+def _with_flag(flag: str, fn: Callable[[Any], Any], config: Any) -> Any:
+    """``fn(config)``, with a ValueError or missing file reported as ``flag: ...``."""
+    try:
+        return fn(config)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{flag}: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from None
+
+
 def data_info(config: ImageConfig, dataset: data.H5Dataset) -> DataInfo:
     """The model's image shape and classes for ``dataset`` under ``config`` (ValueError for unlabelled data)."""
     c = dataset.info.image_shape[2]
@@ -385,7 +395,14 @@ def run(recipe: ImageRecipe, config: Any, *, resume: Path | None = None, dist: D
     out_dir = Path(config.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out-dir: expected a directory (or a new path), got the file {str(out_dir)!r}")
-    dataset = dataset_for(config)
+    dataset = _with_flag("--data", dataset_for, config)
+    if config.eval_samples > 0 and config.eval_data not in DIGITS_FILES:  # scored at the end: check it now
+        _with_flag("--eval-data", lambda c: data.read_info(resolve_data(c.eval_data)), config)
+        try:
+            metrics.inception_path()
+        except ImportError as e:
+            raise ValueError(f"--eval-data: FID against {config.eval_data!r} needs the Inception network ({e}); "
+                             "or pass --eval-samples 0") from None
     if config.batch_size > len(dataset):
         raise ValueError(f"--batch-size: expected at most the {len(dataset)} training images of {config.data!r}, "
                          f"got {config.batch_size}")
@@ -397,15 +414,17 @@ def run(recipe: ImageRecipe, config: Any, *, resume: Path | None = None, dist: D
         raise ValueError(f"network settings (--net, --net-channels, --dropout, --image-size): {e}") from None
     state = dict(recipe.new_state(config, info)) if recipe.new_state is not None else {}
     extra_models = dict(recipe.extra_models(config, info, state)) if recipe.extra_models is not None else {}
-    check_sampling(recipe, model, config, info, {k: t.module for k, t in extra_models.items()})
-    if dist.rank == 0:
-        print(f"{recipe.name}: {config.net} with {nets.count_params(model):,} parameters, {len(dataset):,} training "
-              f"images {'x'.join(map(str, info.shape))}, {config.steps} steps of {config.batch_size} on "
-              f"{dist.device}", file=sys.stderr)
+    model.to(dist.device)
+    check_sampling(recipe, model, config, info, {k: t.module.to(dist.device) for k, t in extra_models.items()})
     lock = RunLock(out_dir) if dist.rank == 0 else None
     if lock is not None:
         lock.acquire()
     try:
+        if dist.rank == 0:
+            print(f"{recipe.name}: {config.net} with {nets.count_params(model):,} parameters, {len(dataset):,} "
+                  f"training images {'x'.join(map(str, info.shape))}, {config.steps} steps of {config.batch_size} "
+                  f"on {dist.device}", file=sys.stderr)
+
         def sample_fn(ema: nn.Module, generator: torch.Generator, extras: Mapping[str, nn.Module]) -> Tensor:
             seeds = torch.randint(0, 2**31 - 1, (config.grid_samples,), generator=generator, device=generator.device)
             return sample_images(recipe, ema, config, info, seeds.tolist(),
@@ -422,9 +441,9 @@ def run(recipe: ImageRecipe, config: Any, *, resume: Path | None = None, dist: D
             for key, value in scores.items():
                 if key.startswith(("digits", "fid")):
                     print(f"{key}: {value:.4f}")
+            print(f"samples: {out_dir / 'samples.png'}", end="  ")
         if dist.rank == 0:
-            print(f"samples: {out_dir / 'samples.png'}  checkpoint: {result.checkpoint}  "
-                  f"tensorboard: tensorboard --logdir {out_dir / 'tb'}")
+            print(f"checkpoint: {result.checkpoint}  tensorboard: tensorboard --logdir {out_dir / 'tb'}")
     finally:
         if lock is not None:
             lock.release()

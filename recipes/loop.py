@@ -51,7 +51,7 @@ from .checkpoints import (
     seed_globals,
     set_rng_state,
 )
-from .config import config_to_dict
+from .config import config_to_dict, run_local_fields
 from .distributed import Dist, Rand, ResumableBatchSampler, all_reduce, gather_objects, init_distributed, rank_seed
 from .grids import write_grid
 from .optim import autocast, ema_decay, ema_update, lr_at, make_optimizer, set_lr
@@ -74,8 +74,9 @@ class Stateful(Protocol):
 class Trainable:
     """A further model trained on the same batches as the main one, with its own loss, optimizer and EMA.
 
-    ``optimizer`` defaults to the config's (``make_optimizer``); ``lr_fn(step)`` to the main model's schedule;
-    ``grad_clip`` to the config's. Its loss is logged as ``NAME/loss``.
+    ``optimizer_fn`` defaults to the config's optimizer (``make_optimizer``); ``lr_fn(step)`` sets the learning
+    rate each step; without it an ``optimizer_fn``'s own learning rate is kept as built, and with neither the
+    main model's schedule applies. ``grad_clip`` defaults to the config's. Its loss is logged as ``NAME/loss``.
     """
 
     module: nn.Module
@@ -190,7 +191,7 @@ class _Member:
     net: nn.Module
     loss_fn: LossFn
     optimizer: torch.optim.Optimizer
-    lr_fn: Callable[[int], float]
+    lr_fn: Callable[[int], float] | None  # None: keep the optimizer's own learning rate
     clip: float
     ema: nn.Module | None
     metrics: _Metrics
@@ -198,8 +199,11 @@ class _Member:
     def step(self, step: int, batch: Any, rand: Rand, *, device: torch.device, local_batch: int, bf16: bool
              ) -> tuple[Tensor, Tensor, Tensor, float]:
         """One optimizer step on ``mean(loss)``: (per-sample loss [b], position [b], grad norm before clipping, lr)."""
-        lr = self.lr_fn(step)
-        set_lr(self.optimizer, lr)
+        if self.lr_fn is not None:
+            lr = self.lr_fn(step)
+            set_lr(self.optimizer, lr)
+        else:
+            lr = float(self.optimizer.param_groups[0]["lr"])
         self.model.train()
         with autocast(device, enabled=bf16):
             loss, position = self.loss_fn(self.net, batch, rand)
@@ -263,12 +267,18 @@ def _restore(path: Path, *, main: _Member, extras: list[_Member], state: Mapping
     if sorted(ckpt["extra_models"]) != names or sorted(ckpt["recipe_state"]) != sorted(state):
         raise ValueError(f"resume: {str(path)!r} holds extra models {sorted(ckpt['extra_models'])} and recipe state "
                          f"{sorted(ckpt['recipe_state'])}; this run has {names} and {sorted(state)}")
-    changed = sorted(k for k, v in config_to_dict(config).items() if ckpt["config"].get(k, v) != v)
+    local = set(run_local_fields(type(config)))  # this run's own by design: not worth a warning
+    changed = sorted(k for k, v in config_to_dict(config).items() if ckpt["config"].get(k, v) != v and k not in local)
     if changed and dist.is_main:
         warnings.warn(f"resume: config fields differ from the checkpoint's: {changed}", stacklevel=3)
-    main.load({k: ckpt[k] for k in ("model", "ema", "optimizer")})
-    for member in extras:
-        member.load(ckpt["extra_models"][member.name])
+    try:
+        main.load({k: ckpt[k] for k in ("model", "ema", "optimizer")})
+        for member in extras:
+            member.load(ckpt["extra_models"][member.name])
+    except (RuntimeError, KeyError, ValueError) as e:
+        first = " ".join(str(e).strip().splitlines()[:2])[:300]
+        raise ValueError(f"resume: the weights in {str(path)!r} do not fit the network this config describes "
+                         f"({type(e).__name__}: {first})") from None
     for name, obj in state.items():
         obj.load_state_dict(ckpt["recipe_state"][name])
     sampler.load_state_dict(ckpt["sampler"])
@@ -338,7 +348,8 @@ def train(config: TrainConfig, *, model: nn.Module, loss_fn: LossFn, dataset: Da
         ema = copy.deepcopy(module).float().eval().requires_grad_(False) if with_ema else None
         optimizer = (make_opt or (lambda p: make_optimizer(p, config)))(module.parameters())
         clip = clip if clip is not None else config.grad_clip
-        return _Member(name, module, _wrap(module, config, dist), fn, optimizer, lr or lr_fn or schedule,
+        step_lr = lr if lr is not None else (None if make_opt is not None and name != "model" else lr_fn or schedule)
+        return _Member(name, module, _wrap(module, config, dist), fn, optimizer, step_lr,
                        clip if clip is not None else math.inf, ema, _Metrics(device))
 
     main = member("model", model, loss_fn, optimizer_fn, lr_fn, config.grad_clip, True)

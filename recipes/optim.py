@@ -27,11 +27,13 @@ def ema_update(ema_params: Sequence[Tensor], params: Sequence[Tensor], decay: fl
         raise ValueError(f"params: expected {len(ema_params)} tensors (one per EMA tensor), got {len(params)}")
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"decay: expected a float in [0, 1], got {decay}")
+    for i, (e, p) in enumerate(zip(ema_params, params)):
+        if e.shape != p.shape:
+            raise ValueError(f"params[{i}]: expected shape {tuple(e.shape)}, got {tuple(p.shape)}")
     with torch.no_grad():
-        for i, (e, p) in enumerate(zip(ema_params, params)):
-            if e.shape != p.shape:
-                raise ValueError(f"params[{i}]: expected shape {tuple(e.shape)}, got {tuple(p.shape)}")
-            e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
+        sources = [p.detach().to(e.dtype) for e, p in zip(ema_params, params)]
+        if ema_params:
+            torch._foreach_lerp_(ema_params, sources, 1.0 - decay)  # one fused launch per dtype/device group
 
 
 def ema_decay(*, batch_size: int, halflife_images: float, images_seen: float,

@@ -118,8 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(args.out) if args.out else ckpt_dir / f"samples-{config.solver}-{config.sample_steps}"
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out: expected a directory (or a new path), got the file {str(out)!r}")
-        images = sample_images(loaded.recipe, loaded.model, config, loaded.info, seeds, labels, extras=loaded.extras,
-                               batch_size=args.batch_size, progress=True)
+        try:
+            images = sample_images(loaded.recipe, loaded.model, config, loaded.info, seeds, labels,
+                                   extras=loaded.extras, batch_size=args.batch_size, progress=True)
+        except (ValueError, TypeError) as e:
+            flags = ", ".join("--" + f.replace("_", "-") for f in loaded.recipe.sampling_fields)
+            raise ValueError(f"sampling settings ({flags.replace('--sample-steps', '--steps')}): {e}") from None
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

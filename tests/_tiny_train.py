@@ -124,7 +124,7 @@ def tiny_parts(config: TinyConfig) -> dict:
         torch.manual_seed(4321)
         classifier = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
         parts["extra_models"] = {"classifier": Trainable(
-            classifier, classifier_loss, optimizer_fn=lambda p: torch.optim.Adam(p, lr=1e-2), grad_clip=1.0)}
+            classifier, classifier_loss, optimizer_fn=lambda p: torch.optim.Adam(p, lr=3e-3), grad_clip=1.0)}
     return parts
 
 

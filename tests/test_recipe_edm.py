@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kdiff import data
-from recipes import edm, evaluate
+from recipes import edm, evaluate, image
 from recipes import sample as sample_cli
 from recipes.checkpoints import load_checkpoint
 from recipes.distributed import Rand
@@ -60,10 +60,22 @@ def test_loss_is_edm_weighted_denoising_error(tmp_path):
     np.testing.assert_allclose(position.numpy(), norm.cdf(u.numpy()), rtol=1e-5, atol=1e-6)
 
 
-def test_train_resume_sample_evaluate(tmp_path, capsys):
+def test_train_resume_sample_evaluate(tmp_path, capsys, monkeypatch):
     config = tiny(tmp_path)
-    scores = edm.run(config)
     run = tmp_path / "run"
+    on_disk_at_evaluation = []
+    real_evaluate = image.evaluate
+
+    def spy(*args, **kwargs):
+        on_disk_at_evaluation.extend(sorted(p.name for p in run.glob("ckpt-*.pt")))
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(image, "evaluate", spy)
+    scores = edm.run(config)
+    assert on_disk_at_evaluation == ["ckpt-00000002.pt", "ckpt-00000004.pt"]  # the final one before any sampling
+    saved = load_checkpoint(run / "ckpt-00000004.pt")
+    assert saved["recipe"] == "edm" and saved["info"] == {"shape": [1, 8, 8], "num_classes": 10, "data_size": 8}
+    assert 0 < scores["digits_fd_real_train"] < scores["digits_fd"]
     assert (run / "samples.png").is_file() and (run / "samples.h5").is_file()
     assert any((run / "tb").iterdir())
     assert 0.0 <= scores["digits_accuracy"] <= 1.0
@@ -80,6 +92,17 @@ def test_train_resume_sample_evaluate(tmp_path, capsys):
     resumed = load_checkpoint(tmp_path / "run2" / "ckpt-00000004.pt")
     for k, v in final["model"].items():
         assert torch.equal(v, resumed["model"][k]), k
+    # a checkpoint whose config no longer matches its weights: one error line, for resume and for sampling
+    tampered = tmp_path / "tampered"
+    tampered.mkdir()
+    torch.save({**final, "config": {**final["config"], "net_channels": 16}}, tampered / "ckpt-00000004.pt")
+    capsys.readouterr()
+    assert edm.main(["--resume", str(tampered), "--out-dir", str(tmp_path / "run3"), "--steps", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and [line for line in err.splitlines() if "do not fit" in line] == [
+        err.splitlines()[-1]] and err.splitlines()[-1].startswith("error: resume: the weights")
+    assert sample_cli.main([str(tampered), "--num", "2"]) == 2
+    assert "do not fit the network its config describes" in capsys.readouterr().err
 
     # Sampling CLI: a seed regenerates the same image alone as inside a batch.
     assert sample_cli.main([str(run), "--num", "6", "--steps", "3", "--out", str(tmp_path / "s6")]) == 0

@@ -537,7 +537,7 @@ def test_recipe_state_and_a_second_model_resume_bitwise(rich_reference, tmp_path
     assert saved["recipe"] == "tiny" and saved["recipe_state"]["history"]["count"] == 24
     assert not torch.equal(saved["recipe_state"]["history"]["values"], torch.ones(4, dtype=torch.float64))
     classifier = saved["extra_models"]["classifier"]
-    assert classifier["optimizer"]["param_groups"][0]["lr"] == 1e-2  # its own optimizer, not the config's lr
+    assert classifier["optimizer"]["param_groups"][0]["lr"] == 3e-3  # its own optimizer and rate, not the config's
     assert (classifier["model"]["1.weight"] - classifier["ema"]["1.weight"]).abs().max() > 0
     assert set(result.extra) == {"classifier"} and "classifier/loss" in result.metrics
     events = EventAccumulator(str(tmp_path / "tb"))
