@@ -415,8 +415,10 @@ def train(config: TrainConfig, *, model: nn.Module, loss_fn: LossFn, dataset: Da
 
             log_due = step % config.log_every == 0
             if config.max_seconds is not None and (dist.world_size == 1 or log_due):
-                late = torch.tensor(float(time.monotonic() - started >= config.max_seconds), device=device)
-                out_of_time = bool(all_reduce(late, dist, op="max")) if dist.world_size > 1 else bool(late)
+                out_of_time = time.monotonic() - started >= config.max_seconds  # host clock: no device sync
+                if dist.world_size > 1:  # every rank must stop at the same step
+                    late = torch.tensor(float(out_of_time), device=device)
+                    out_of_time = bool(all_reduce(late, dist, op="max"))
             final = step == config.steps or out_of_time
             checkpoint_due = final or step % config.checkpoint_every == 0
             sample_due = sample_fn is not None and (final or (config.sample_every > 0
