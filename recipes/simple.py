@@ -130,7 +130,7 @@ PRESETS: dict[str, SimpleConfig] = {
     # Fashion-MNIST padded to 32x32 and enlarged 2x to 64x64, one GPU (not yet timed on one). Pack the data
     # first (README). The shift to noise_size 32 undoes the enlargement, as noise_size 8 does for digits32.
     "fashion64": SimpleConfig(out_dir="runs/simple-fashion64", data="data/fashion-train.h5",
-                              eval_data="data/fashion-test.h5", image_size=32, enlarge=2, net="unet_fashion",
+                              eval_data="data/fashion-test.h5", image_size=32, enlarge=2, net="unet_fashion64",
                               conditional=True, noise_size=32, multiscale=True, multiscale_base=32,
                               steps=30000, batch_size=256, lr=5e-4, warmup_steps=1000, ema_halflife_kimg=500.0,
                               log_every=200, sample_every=5000, checkpoint_every=5000, num_workers=4,

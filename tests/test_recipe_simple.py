@@ -125,3 +125,14 @@ def test_a_training_step_through_the_kernel_matches_the_torch_reference(tmp_path
         err_ref, err_k = (r32 - r64).abs().max().item(), (k - r64).abs().max().item()
         assert err_k <= 2 * err_ref + 1e-6 * scale + 1e-12, (name, err_k, err_ref, scale)
     assert any(v.abs().max() > 0 for v in got[1].values())
+
+
+@pytest.mark.parametrize("name", sorted(simple.PRESETS))
+def test_every_preset_builds_its_network_and_sampling_grid(name):
+    config = simple.PRESETS[name]
+    with torch.device("meta"):
+        model = simple.build_model(config, in_channels=3 if "imagenet" in name else 1,
+                                   num_classes=1000 if config.conditional else None)
+    assert model.cfg.image_size == config.resolution
+    sigmas = simple.sigmas_for(config)
+    assert sigmas.shape == (config.sample_steps + 1,) and sigmas[-1] == 0

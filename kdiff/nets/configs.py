@@ -22,6 +22,7 @@ Sources of the published shapes:
                        resolution); 256 and 512 reach 128x128 through the 5/3 wavelet transform as the
                        U-ViT does. The structure is the paper's; the widths (128 x 1-2-4-8-8) are our
                        choice at that structure, so parameter counts are not the paper's.
+    unet_fashion64     Fashion-MNIST enlarged to 64x64: one wavelet level to 32x32, the depth at 16x16.
     *_digits32         the bundled digits enlarged 4x to 32x32, small enough for CPU: two levels of the 5/3
                        wavelet take the image to 8x8 (its information resolution); the U-Net has its
                        depth and its only dropout at the lowest level, the U-ViT its transformer at 4x4.
@@ -94,6 +95,9 @@ CONFIGS: dict[str, UNetConfig | UViTConfig | ClassifierConfig] = {
     "uvit_digits32": UViTConfig(image_size=32, in_channels=1, channels=(32,), num_blocks=1, conv_dropout=(0.0,),
                                 width=96, depth=3, head_channels=32, dropout=0.1, norm_groups=8,
                                 input_transform="legall53", input_levels=2),
+    "unet_fashion64": UNetConfig(image_size=64, in_channels=1, channels=64, channel_mult=(1, 2, 2),
+                                 level_blocks=(2, 4, 2), attn_resolutions=(16, 8), head_channels=32, adagn=True,
+                                 dropout=0.1, dropout_max_resolution=16, num_classes=10, input_transform="legall53"),
     "classifier_tiny": ClassifierConfig(image_size=8, channels=16, channel_mult=(1, 2), num_blocks=1,
                                         attn_resolutions=(4,), num_heads=2, norm_groups=8, adagn=True, biggan=True,
                                         num_classes=10),
