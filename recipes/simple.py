@@ -27,45 +27,53 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdiff import losses, nets, param, schedules, solvers
+from kdiff import data, losses, metrics, nets, param, schedules
 from kdiff.denoisers import vp_denoiser
+from kdiff.guidance import cfg_batched
 
-from .common import TrainConfig, parse_cli, seed_globals
-from .edm import DIGITS_FILES, resolve_data
-from .train_loop import Dist, NonFiniteLossError, Rand, close_distributed, init_distributed, train, write_grid
+from .checkpoints import RunDirectoryLockedError, RunLock, seed_globals
+from .distributed import Dist, Rand, close_distributed, init_distributed
+from .grids import write_grid
+from .image import (
+    DIGITS_FILES,
+    DataInfo,
+    Denoise,
+    ImageConfig,
+    ImageRecipe,
+    check_sampling,
+    crop_to,
+    data_info,
+    dataset_for,
+    grid_labels,
+    resolve_data,
+    sample_images,
+    write_samples,
+)
+from .loop import LossFn, NonFiniteError, train
 
 # ----------------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------------
 
-SCHEDULES = ("cosine", "shifted", "interpolated")
-LOSSES = ("eps", "v", "min_snr")
 
 
 @dataclasses.dataclass(frozen=True)
-class SimpleConfig(TrainConfig):
-    """The simple-diffusion recipe: data, network, schedule, loss and sampler on top of the training loop's."""
+class SimpleConfig(ImageConfig):
+    """The simple-diffusion recipe: schedule, loss and enlargement on top of the image recipes' fields."""
 
-    data: str = "digits"  # training data: 'digits' (bundled, packed on first use) or a kdiff HDF5 file
-    eval_data: str = "digits-test"  # held-out split for the quality number: 'digits-test' or a kdiff HDF5 file
-    image_size: int = 8  # stored images are padded (fit='pad') or centre-cropped and resized (fit='resize') to this
-    fit: Literal["pad", "resize"] = "pad"  # how stored images are brought to image_size
-    enlarge: int = 4  # nearest-neighbour enlargement after that: the model sees image_size * enlarge pixels
-    flip: bool = False  # random horizontal flips
     net: str = "unet_digits32"  # a name in kdiff.nets.CONFIGS
-    net_channels: int | None = None  # override the network's base width (U-Net only; none: the named config's)
-    dropout: float | None = None  # override the network's dropout (none: the named config's)
-    conditional: bool = False  # train with class labels (and label dropout)
-    label_dropout: float = 0.1  # probability a label is replaced by the "no label" index
+    conditional: bool = False  # train with class labels (and label dropout for classifier-free guidance)
+    enlarge: int = 4  # nearest-neighbour enlargement of the data: the model sees image_size * enlarge pixels
     schedule: Literal["cosine", "shifted", "interpolated"] = "shifted"  # log-SNR schedule [SD Sec. 3.1]
     noise_size: int = 64  # shifted: the reference resolution whose plain cosine schedule is matched
     noise_size_low: int = 32  # interpolated: the strongly shifted end, used at high noise (t -> 1)
@@ -76,29 +84,19 @@ class SimpleConfig(TrainConfig):
     min_snr_gamma: float = 5.0  # loss='min_snr': the SNR cap gamma
     multiscale: bool = False  # the multiscale loss [SD Sec. 3.2] instead of the plain mean square
     multiscale_base: int = 32  # the coarsest multiscale level (pixels)
-    solver: Literal["ddpm", "ddim", "dpmpp_2m"] = "ddpm"  # sampler: ancestral (the paper's), DDIM, DPM-Solver++(2M)
+    solver: Literal["ddpm", "ddim", "dpmpp_2m", "heun", "euler"] = "ddpm"  # sampler (ddpm: the paper's ancestral)
     sample_steps: int = 256  # sampler steps, uniform in t
-    grid_samples: int = 100  # images in each sample grid written during training
-    eval_samples: int = 1000  # samples drawn after training for the quality number (0: skip)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.net not in nets.CONFIGS:
-            raise ValueError(f"net: expected one of {', '.join(nets.CONFIGS)}, got {self.net!r}")
-        for name in ("image_size", "enlarge", "noise_size", "noise_size_low", "multiscale_base", "sample_steps",
-                     "grid_samples"):
+        for name in ("enlarge", "noise_size", "noise_size_low", "multiscale_base"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {getattr(self, name)}")
         if self.noise_size_high is not None and self.noise_size_high < self.noise_size_low:
             raise ValueError(f"noise_size_high: expected none or >= noise_size_low={self.noise_size_low}, "
                              f"got {self.noise_size_high}")
-        if self.eval_samples < 0:
-            raise ValueError(f"eval_samples: expected an int >= 0, got {self.eval_samples}")
-        if not 0.0 <= self.label_dropout <= 1.0:
-            raise ValueError(f"label_dropout: expected a probability in [0, 1], got {self.label_dropout}")
-        low, high = self.logsnr_min, self.logsnr_max
-        if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            raise ValueError(f"logsnr_min, logsnr_max: expected finite logsnr_min < logsnr_max, got "
+        if not self.logsnr_min < self.logsnr_max:
+            raise ValueError(f"logsnr_min, logsnr_max: expected logsnr_min < logsnr_max, got "
                              f"{self.logsnr_min}, {self.logsnr_max}")
         if not self.min_snr_gamma > 0:
             raise ValueError(f"min_snr_gamma: expected a float > 0, got {self.min_snr_gamma}")
@@ -109,7 +107,7 @@ class SimpleConfig(TrainConfig):
         return self.image_size * self.enlarge
 
 
-_IMAGENET = dict(data="data/imagenet{s}-train.h5", eval_data="data/imagenet{s}-train.h5", fit="resize", enlarge=1,
+_IMAGENET = dict(data="data/imagenet{s}-train.h5", eval_data="data/imagenet{s}-train.h5", enlarge=1,
                  flip=True, conditional=True, label_dropout=0.0, schedule="shifted", noise_size=64, loss="eps",
                  multiscale_base=32, batch_size=2048, lr=1e-4, warmup_steps=10000,
                  ema_rate=0.9999, steps=500000, log_every=500, sample_every=10000, checkpoint_every=10000,
@@ -174,10 +172,10 @@ def reduce(x: Tensor, factor: int) -> Tensor:
     return x if factor == 1 else F.avg_pool2d(x, factor)
 
 
-def build_model(config: SimpleConfig, *, in_channels: int, num_classes: int | None) -> nn.Module:
-    """The network ``v_hat(z, logsnr, labels)`` of ``config.net`` sized to the data."""
-    overrides: dict[str, object] = {"image_size": config.resolution, "in_channels": in_channels,
-                                    "num_classes": num_classes}
+def build_model(config: SimpleConfig, info: DataInfo) -> nn.Module:
+    """The network ``v_hat(z, logsnr, labels)`` of ``config.net`` at the model's (enlarged) resolution."""
+    overrides: dict[str, object] = {"image_size": info.shape[1], "in_channels": info.shape[0],
+                                    "num_classes": info.num_classes}
     if config.net_channels is not None:
         overrides["channels"] = config.net_channels
     if config.dropout is not None:
@@ -185,8 +183,11 @@ def build_model(config: SimpleConfig, *, in_channels: int, num_classes: int | No
     return nets.build(config.net, **overrides)
 
 
-def num_classes_of(model: nn.Module) -> int | None:
-    return getattr(getattr(model, "cfg", None), "num_classes", None)
+def enlarged_info(config: SimpleConfig, info: DataInfo) -> DataInfo:
+    """The model's view of the data: ``info`` with its sides (and the unpadded data size) times ``enlarge``."""
+    c, h, w = info.shape
+    k = config.enlarge
+    return DataInfo((c, h * k, w * k), info.num_classes, None if info.data_size is None else info.data_size * k)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,8 +217,10 @@ def simple_loss(v_pred: Tensor, x: Tensor, eps: Tensor, z: Tensor, logsnr: Tenso
     return per_sample
 
 
-def make_loss_fn(config: SimpleConfig, num_classes: int | None):
+def make_loss_fn(config: SimpleConfig, info: DataInfo, state: dict[str, Any] | None = None) -> LossFn:
+    """``loss_fn(net, (x, labels), rand) -> (loss [b], t [b])`` for batches at the stored resolution."""
     schedule = logsnr_schedule(config)
+    num_classes = info.num_classes
 
     def loss_fn(net: nn.Module, batch: Sequence[Tensor], rand: Rand) -> tuple[Tensor, Tensor]:
         """Continuous-time VP training: ``t ~ U[0, 1]``, ``z = alpha x + sigma eps``, loss of ``v_hat(z, logsnr)``;
@@ -250,43 +253,71 @@ def sigmas_for(config: SimpleConfig) -> Tensor:
     return schedules.sigmas_from_schedule(logsnr_schedule(config), config.sample_steps)
 
 
-def denoiser(model: nn.Module, labels: Tensor | None):
-    """``denoise(x, sigma)`` of the v-prediction network (``vp_denoiser``, conditioning on the log-SNR)."""
-    return vp_denoiser(lambda z, logsnr: model(z, logsnr, labels), param="v")
+def start_scale(config: SimpleConfig, sigmas: Tensor) -> float:
+    """The VP prior ``z_T ~ N(0, I)`` on the samplers' axis: ``x_T = n / alpha_T = n sqrt(1 + sigma_T^2)``."""
+    return math.sqrt(1.0 + float(sigmas[0]) ** 2)
 
 
-def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], device: torch.device) -> Tensor:
-    """One standard normal image per seed: image ``i`` depends on ``seeds[i]`` only."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
-                        for s in seeds]).to(device)
+def denoiser(model: nn.Module, config: SimpleConfig, labels: Tensor | None,
+             extras: Mapping[str, nn.Module] | None = None) -> Denoise:
+    """``denoise(x, sigma)`` of the v-prediction network (``vp_denoiser``, conditioned on the log-SNR), with
+    classifier-free guidance when labelled and ``guidance != 1``."""
+    num_classes = getattr(getattr(model, "cfg", None), "num_classes", None)
+    if labels is None or num_classes is None or config.guidance == 1.0:
+        y = labels if num_classes is not None else None
+        return vp_denoiser(lambda z, logsnr: model(z, logsnr, y), param="v")
+
+    def labelled(x: Tensor, sigma: Tensor, y: Tensor) -> Tensor:
+        return vp_denoiser(lambda z, logsnr: model(z, logsnr, y), param="v")(x, sigma)
+
+    return cfg_batched(labelled, labels, scale=config.guidance, null_label=num_classes)
 
 
-@torch.no_grad()
-def generate(model: nn.Module, config: SimpleConfig, seeds: Sequence[int], labels: Tensor | None, *,
-             shape: tuple[int, int, int], batch_size: int = 256) -> Tensor:
-    """Samples in [-1, 1] at the model's resolution, ``(N, C, H, W)`` float32 on CPU. The start is the VP prior
-    ``z_T ~ N(0, I)``, i.e. ``x_T = n sqrt(1 + sigma_T^2)`` on the samplers' axis (``sigmas_from_schedule``)."""
-    device = next(model.parameters()).device
-    sigmas = sigmas_for(config)
-    out = []
-    for start in range(0, len(seeds), batch_size):
-        chunk = list(seeds[start:start + batch_size])
-        y = labels[start:start + len(chunk)].to(device) if labels is not None else None
-        x = initial_noise(chunk, shape, device) * math.sqrt(1.0 + sigmas[0].item() ** 2)
-        gen = torch.Generator(device).manual_seed(int(chunk[0]) + 1_000_003)
-        x = solvers.sample(denoiser(model, y), x.float(), sigmas, solver=config.solver, generator=gen)
-        out.append(x.clamp(-1, 1).float().cpu())
-    return torch.cat(out)
+@dataclasses.dataclass(frozen=True)
+class SimpleRecipe(ImageRecipe):
+    """The image recipe whose ``run`` and ``main`` are this module's (enlarged data, reduced scoring)."""
+
+    def run(self, config: Any, *, resume: Path | None = None, dist: Dist | None = None) -> dict[str, float]:
+        return run(config, resume=resume, dist=dist)
+
+    def main(self, argv: Sequence[str] | None = None) -> int:
+        return main(argv)
 
 
-def make_sample_fn(config: SimpleConfig, shape: tuple[int, int, int]):
-    def sample_fn(ema: nn.Module, generator: torch.Generator) -> Tensor:
-        seeds = torch.randint(0, 2**31 - 1, (config.grid_samples,), generator=generator, device=generator.device)
-        n = num_classes_of(ema)
-        labels = None if n is None else torch.arange(config.grid_samples) % n
-        return generate(ema, config, seeds.tolist(), labels, shape=shape)
+RECIPE = SimpleRecipe(name="simple", config=SimpleConfig, presets=PRESETS, default_preset="digits32",
+                      loss=make_loss_fn, denoiser=denoiser, sigmas=sigmas_for, start_scale=start_scale,
+                      build_model=build_model)
 
-    return sample_fn
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def evaluate(ema: nn.Module, config: SimpleConfig, info: DataInfo, *, out_dir: Path,
+             progress: bool = True) -> dict[str, float]:
+    """Draw ``eval_samples`` samples (seeds 0..N-1, labels cycling), save them (HDF5 and a grid) at the model's
+    resolution, reduce them to the data's (crop the padding, ``enlarge x enlarge`` average pooling, which returns a
+    training image exactly) and score them there: the digits Frechet distance and its real-data floor (and the
+    digit classifier's accuracy when labelled) for the digits, FID against ``eval_data`` otherwise."""
+    n = config.eval_samples
+    labels = grid_labels(n, info.num_classes)
+    t0 = time.perf_counter()
+    images = sample_images(RECIPE, ema, config, info, list(range(n)), labels, progress=progress)
+    result = {"sample_seconds": time.perf_counter() - t0}
+    write_samples(out_dir / "samples.h5", data.uint8_from_x(images).permute(0, 2, 3, 1).numpy(), labels, info,
+                  source=f"recipes.simple: {config.solver}, {config.sample_steps} steps, guidance {config.guidance}")
+    write_grid(images[:100], out_dir / "samples.png")
+    small = reduce(crop_to(images, info.data_size), config.enlarge)
+    u8 = data.uint8_from_x(small).permute(0, 2, 3, 1).numpy()
+    if config.eval_data in DIGITS_FILES and u8.shape[1:] == (8, 8, 1):
+        result["digits_fd"] = metrics.digits_frechet_distance(u8)
+        result["digits_fd_real_train"] = metrics.digits_frechet_floor()
+        if labels is not None:
+            result["digits_accuracy"] = metrics.digits_accuracy(u8, labels.numpy())
+    elif config.eval_data not in DIGITS_FILES:
+        result["fid"] = metrics.fid(u8, resolve_data(config.eval_data), progress=progress)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,63 +326,69 @@ def make_sample_fn(config: SimpleConfig, shape: tuple[int, int, int]):
 
 
 def run(config: SimpleConfig, *, resume: Path | None = None, dist: Dist | None = None) -> dict[str, float]:
-    from kdiff import data
-
+    """The image machinery's run (``recipes.image.run``) with two changes of its own: the model sees the data
+    enlarged (``enlarged_info``; the loss enlarges each batch) and the samples are scored reduced back."""
+    if not isinstance(config, SimpleConfig):
+        raise TypeError(f"config: expected a SimpleConfig, got {type(config).__name__}")
     dist = dist or init_distributed(config.device)
-    dataset = data.H5Dataset(resolve_data(config.data), size=config.image_size, fit=config.fit,
-                             flip_p=0.5 if config.flip else 0.0, seed=config.seed)
-    c, h, w = dataset[0][0].shape
-    num_classes = len(dataset.class_names) if config.conditional else None
-    seed_globals(config.seed)
-    model = build_model(config, in_channels=c, num_classes=num_classes)
-    shape = (c, h * config.enlarge, w * config.enlarge)
+    out_dir = Path(config.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out-dir: expected a directory (or a new path), got the file {str(out_dir)!r}")
+    dataset = dataset_for(config)
+    if config.batch_size > len(dataset):
+        raise ValueError(f"--batch-size: expected at most the {len(dataset)} training images of {config.data!r}, "
+                         f"got {config.batch_size}")
+    stored = data_info(config, dataset)
+    info = enlarged_info(config, stored)
+    seed_globals(config.seed)  # the initial weights depend on the seed only
+    try:
+        model = build_model(config, info)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"network settings (--net, --net-channels, --dropout, --image-size, --enlarge): {e}") from None
+    check_sampling(RECIPE, model, config, info)
     if dist.rank == 0:
         print(f"simple: {config.net} with {nets.count_params(model):,} parameters, {len(dataset):,} training images "
-              f"{c}x{h}x{w} enlarged to {shape[1]}x{shape[2]}, {config.schedule} schedule, {config.loss}-loss"
-              f"{' (multiscale)' if config.multiscale else ''}, {config.steps} steps of {config.batch_size}",
-              file=sys.stderr)
-    result = train(config, model=model, loss_fn=make_loss_fn(config, num_classes), dataset=dataset,
-                   sample_fn=make_sample_fn(config, shape), resume=resume, dist=dist)
-    scores: dict[str, float] = dict(result.metrics)
-    if dist.rank == 0 and config.eval_samples > 0:
-        n = config.eval_samples
-        labels = None if num_classes is None else torch.arange(n) % num_classes
-        images = generate(result.ema, config, list(range(n)), labels, shape=shape)
-        write_grid(images[:100], Path(config.out_dir) / "samples.png")
-        torch.save(images, Path(config.out_dir) / "samples.pt")
-        if config.eval_data in DIGITS_FILES:
-            scores["frechet_pixels"] = pixel_frechet(reduce(images, config.enlarge))
-            print(f"frechet_pixels: {scores['frechet_pixels']:.4f}")
+              f"{'x'.join(map(str, stored.shape))} enlarged to {'x'.join(map(str, info.shape))}, {config.schedule} "
+              f"schedule, {config.loss}-loss{' (multiscale)' if config.multiscale else ''}, {config.steps} steps of "
+              f"{config.batch_size} on {dist.device}", file=sys.stderr)
+    lock = RunLock(out_dir) if dist.rank == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        def sample_fn(ema: nn.Module, generator: torch.Generator, extras: Mapping[str, nn.Module]) -> Tensor:
+            seeds = torch.randint(0, 2**31 - 1, (config.grid_samples,), generator=generator, device=generator.device)
+            return sample_images(RECIPE, ema, config, info, seeds.tolist(),
+                                 grid_labels(config.grid_samples, info.num_classes))
+
+        result = train(config, model=model, loss_fn=make_loss_fn(config, info), dataset=dataset, sample_fn=sample_fn,
+                       resume=resume, dist=dist, recipe=RECIPE.name, info=info.to_dict(), lock=False)
+        scores: dict[str, float] = dict(result.metrics)
+        if dist.rank == 0 and config.eval_samples > 0:
+            scores.update(evaluate(result.ema, config, info, out_dir=out_dir, progress=config.progress))
+            for key, value in scores.items():
+                if key.startswith(("digits", "fid")):
+                    print(f"{key}: {value:.4f}")
+        if dist.rank == 0:
+            print(f"samples: {out_dir / 'samples.png'}  checkpoint: {result.checkpoint}", file=sys.stderr)
+    finally:
+        if lock is not None:
+            lock.release()
     return scores
 
 
-def pixel_frechet(images: Tensor) -> float:
-    """Frechet distance of 8x8 samples to the real test digits in raw pixel space (a stand-in metric)."""
-    from kdiff import data, metrics
-
-    test, _ = data.digits_arrays(split="test")
-    u8 = data.uint8_from_x(images).permute(0, 2, 3, 1).numpy()
-    a = u8.reshape(len(u8), -1).astype("float64") / 255.0
-    b = test.reshape(len(test), -1).astype("float64") / 255.0
-    mu_a, s_a = metrics.feature_stats(a)
-    mu_b, s_b = metrics.feature_stats(b)
-    return metrics.frechet_distance(mu_a, s_a, mu_b, s_b)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m recipes.simple [flags]``: bad input ends as one ``error: ...`` line and exit code 2."""
+    dist = None
     try:
-        cli = parse_cli(SimpleConfig, PRESETS, argv, default_preset="digits32", prog="python -m recipes.simple")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    dist = init_distributed(cli.config.device)
-    try:
+        cli = RECIPE.parse(argv)
+        dist = init_distributed(cli.config.device)
         run(cli.config, resume=cli.resume, dist=dist)
-    except (FileNotFoundError, NonFiniteLossError) as e:
+    except (ValueError, FileNotFoundError, NonFiniteError, RunDirectoryLockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        close_distributed(dist)
+        if dist is not None:
+            close_distributed(dist)
     return 0
 
 

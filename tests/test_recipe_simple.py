@@ -9,10 +9,15 @@ import math
 import pytest
 import torch
 
-from kdiff import losses
+from kdiff import data, losses
 from kdiff.kernels import multiscale_mse_ref
+from recipes import sample as sample_cli
 from recipes import simple
-from recipes.train_loop import Rand
+from recipes.checkpoints import load_checkpoint
+from recipes.distributed import Rand
+from recipes.image import DataInfo
+
+INFO = DataInfo((1, 32, 32), None, 32)  # the digits as the digits32 model sees them
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -47,7 +52,7 @@ def test_loss_is_the_weighted_v_error_at_uniform_times(tmp_path, loss, schedule)
         return torch.tanh(z) * 0.5
 
     g = torch.Generator().manual_seed(0)
-    per_sample, position = simple.make_loss_fn(config, None)(net, (x8, torch.zeros(8, dtype=torch.long)), Rand(g))
+    per_sample, position = simple.make_loss_fn(config, INFO)(net, (x8, torch.zeros(8, dtype=torch.long)), Rand(g))
     g = torch.Generator().manual_seed(0)
     t = torch.rand(8, generator=g).double()
     eps = torch.randn(8, 1, 32, 32, generator=g).double()
@@ -98,12 +103,12 @@ def _step(config: simple.SimpleConfig, net_name: str, kernels: str, *, ref64: bo
 
 def _grads(config: simple.SimpleConfig, net_name: str):
     torch.manual_seed(0)
-    model = simple.build_model(dataclasses.replace(config, net=net_name), in_channels=1, num_classes=None)
+    model = simple.build_model(dataclasses.replace(config, net=net_name), INFO)
     with torch.no_grad():  # no zero-initialized layer: every parameter gets a gradient
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     x = torch.rand(6, 1, 8, 8) * 2 - 1
-    per_sample, _ = simple.make_loss_fn(config, None)(model, (x, torch.zeros(6, dtype=torch.long)),
+    per_sample, _ = simple.make_loss_fn(config, INFO)(model, (x, torch.zeros(6, dtype=torch.long)),
                                                       Rand(torch.Generator().manual_seed(3)))
     per_sample.float().mean().backward()
     return per_sample.double().detach(), {n: p.grad.double() for n, p in model.named_parameters()}
@@ -130,9 +135,52 @@ def test_a_training_step_through_the_kernel_matches_the_torch_reference(tmp_path
 @pytest.mark.parametrize("name", sorted(simple.PRESETS))
 def test_every_preset_builds_its_network_and_sampling_grid(name):
     config = simple.PRESETS[name]
+    channels, classes = (3, 1000) if "imagenet" in name else (1, 10)
+    info = DataInfo((channels, config.resolution, config.resolution), classes if config.conditional else None)
     with torch.device("meta"):
-        model = simple.build_model(config, in_channels=3 if "imagenet" in name else 1,
-                                   num_classes=1000 if config.conditional else None)
+        model = simple.build_model(config, info)
     assert model.cfg.image_size == config.resolution
     sigmas = simple.sigmas_for(config)
     assert sigmas.shape == (config.sample_steps + 1,) and sigmas[-1] == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end
+
+
+def test_train_resume_bitwise_sample_and_score(tmp_path, capsys):
+    """A tiny digits32 run (the U-ViT, multiscale eps-loss through the kernel): it trains, scores the samples
+    reduced to 8x8 with the digits Frechet distance, resumes bitwise (model, EMA and optimizer equal to the
+    uninterrupted run's at step 4), and its checkpoint samples through ``python -m recipes.sample``."""
+    config = tiny(tmp_path, net="uvit_digits32", multiscale=True, multiscale_base=8, eval_samples=16)
+    scores = simple.run(config)
+    assert "digits_fd" in scores and scores["digits_fd"] > scores["digits_fd_real_train"] > 0
+    run = tmp_path / "run"
+    images, _, _ = data.read_h5(run / "samples.h5")
+    assert images.shape == (16, 32, 32, 1) and (run / "samples.png").is_file()
+
+    final = load_checkpoint(run / "ckpt-00000004.pt")
+    more = dataclasses.replace(config, out_dir=str(tmp_path / "run2"), eval_samples=0)
+    simple.run(dataclasses.replace(more, steps=2))
+    with pytest.warns(UserWarning, match="steps"):
+        simple.run(more, resume=tmp_path / "run2" / "ckpt-00000002.pt")
+    resumed = load_checkpoint(tmp_path / "run2" / "ckpt-00000004.pt")
+    for part in ("model", "ema"):
+        for k, v in final[part].items():
+            assert torch.equal(v, resumed[part][k]), (part, k)
+    for k, v in final["optimizer"]["state"].items():
+        for name, tensor in v.items():
+            assert torch.equal(tensor, resumed["optimizer"]["state"][k][name]), (k, name)
+
+    assert sample_cli.main([str(run), "--num", "3", "--steps", "4", "--out", str(tmp_path / "s3")]) == 0
+    three, _, _ = data.read_h5(tmp_path / "s3" / "samples.h5")
+    assert three.shape == (3, 32, 32, 1)
+
+
+def test_bad_settings_end_as_one_error_line(tmp_path, capsys):
+    assert simple.main(["--schedule", "linear", "--out-dir", str(tmp_path / "r")]) == 2
+    assert simple.main(["--noise-size-low", "64", "--noise-size-high", "8", "--out-dir", str(tmp_path / "r")]) == 2
+    assert simple.main(["--net", "unet_digits32", "--enlarge", "3", "--steps", "1", "--out-dir",
+                        str(tmp_path / "r")]) == 2  # 24 pixels: its 4x4 attention level does not exist
+    err = capsys.readouterr().err
+    assert err.count("error:") == 3 and "Traceback" not in err
