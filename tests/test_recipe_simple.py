@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from kdiff import data, losses
+from kdiff import data, losses, nets
 from kdiff.kernels import multiscale_mse_ref
 from recipes import sample as sample_cli
 from recipes import simple
@@ -103,7 +103,8 @@ def _step(config: simple.SimpleConfig, net_name: str, kernels: str, *, ref64: bo
 
 def _grads(config: simple.SimpleConfig, net_name: str):
     torch.manual_seed(0)
-    model = simple.build_model(dataclasses.replace(config, net=net_name), INFO)
+    # attention through SDPA: the multiscale kernel is what is under test (and the interpreter is slow)
+    model = nets.build(net_name, image_size=32, in_channels=1, num_classes=None, dropout=0.0, attention="sdpa")
     with torch.no_grad():  # no zero-initialized layer: every parameter gets a gradient
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -148,10 +149,11 @@ def test_every_preset_builds_its_network_and_sampling_grid(name):
 # End to end
 
 
-def test_train_resume_bitwise_sample_and_score(tmp_path, capsys):
-    """A tiny digits32 run (the U-ViT, multiscale eps-loss through the kernel): it trains, scores the samples
+def test_train_resume_bitwise_sample_and_score(tmp_path, monkeypatch):
+    """A tiny digits32 run (the U-ViT, multiscale eps-loss through the numba kernel): it trains, scores the samples
     reduced to 8x8 with the digits Frechet distance, resumes bitwise (model, EMA and optimizer equal to the
     uninterrupted run's at step 4), and its checkpoint samples through ``python -m recipes.sample``."""
+    monkeypatch.setenv("KDIFF_KERNELS", "numba")  # the CPU kernel; attention has none and takes the reference
     config = tiny(tmp_path, net="uvit_digits32", multiscale=True, multiscale_base=8, eval_samples=16)
     scores = simple.run(config)
     assert "digits_fd" in scores and scores["digits_fd"] > scores["digits_fd_real_train"] > 0
