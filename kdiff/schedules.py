@@ -19,6 +19,7 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -32,6 +33,7 @@ __all__ = [
     "logsnr_cosine", "t_from_logsnr_cosine", "logsnr_cosine_shifted", "t_from_logsnr_cosine_shifted",
     "logsnr_cosine_interpolated", "t_from_logsnr_cosine_interpolated",
     "sigmas_karras", "sigma_lognormal", "respace", "sigmas_from_alphas_bar", "timestep_from_sigma",
+    "sigmas_from_schedule",
 ]
 
 
@@ -374,3 +376,46 @@ def timestep_from_sigma(sigma: Scalar, alphas_bar: Tensor, *, nearest: bool = Fa
         lower = upper - 1
         t = lower + (query - table[lower]) / (table[upper] - table[lower])
     return torch.round(t).to(torch.int64) if nearest else t
+
+# ----------------------------------------------------------------------------------------------
+# Sampling grids from a continuous schedule
+
+
+def sigmas_from_schedule(schedule: Callable[[Tensor], Tensor], n: int, *, t_start: float = 1.0) -> Tensor:
+    """The EDM grid of a continuous VP schedule: ``sigma_i = exp(-logsnr(t_i) / 2)``, ``t_i = t_start (1 - i/n)``
+    for i = 0..n-1, then a trailing 0. Returns ``(n + 1,)`` float64, strictly decreasing.
+
+    ``schedule`` maps a float64 ``t`` tensor in [0, 1] to the log-SNR, decreasing in ``t`` (bind the
+    keywords first: ``partial(logsnr_cosine_shifted, image_size=32, noise_size=8)``). The steps are
+    uniform in ``t``, as in the ancestral sampler of [SD Sec. 2]; the last one goes from ``t = t_start/n``
+    straight into the data (``sigma = 0``), where every solver of :mod:`kdiff.solvers` lands on the
+    denoiser's output. The grid serves DDPM-ancestral, DDIM and DPM-Solver++(2M) sampling of a
+    continuous-time VP model through ``kdiff.denoisers.vp_denoiser``.
+
+    Starting noise. The samplers run on ``x = z / alpha``, so the start is ``x_T = z_T / alpha_T``
+    with ``sigmas[0] = sigma_T / alpha_T``. The VP prior ``z_T ~ N(0, I)`` gives
+    ``x_T = n sqrt(1 + sigmas[0]^2) = n / alpha_T`` (``n`` standard normal); the EDM convention
+    ``x_T = sigmas[0] n`` is ``z_T = sigma_T n``, smaller by the factor ``sigma_T``, which differs
+    from 1 by about ``exp(logsnr_min) / 2`` (1.5e-7 at logsnr_min = -15): either is fine when
+    ``logsnr(t_start)`` is that low, and only ``n / alpha_T`` is the prior when it is not.
+    """
+    if not callable(schedule):
+        raise TypeError(f"schedule: expected a callable t -> logsnr, got {type(schedule).__name__}")
+    check_int(n, "n", low=1)
+    if isinstance(t_start, bool) or not isinstance(t_start, (int, float)) or not 0.0 < t_start <= 1.0:
+        raise ValueError(f"t_start: expected a float in (0, 1], got {t_start!r}")
+    t = t_start * (1.0 - torch.arange(n, dtype=torch.float64) / n)
+    logsnr = schedule(t)
+    if not isinstance(logsnr, Tensor) or logsnr.shape != t.shape:
+        got = tuple(logsnr.shape) if isinstance(logsnr, Tensor) else type(logsnr).__name__
+        raise ValueError(f"schedule: expected a tensor of shape ({n},) for t of shape ({n},), got {got}")
+    if not bool(torch.isfinite(logsnr).all()):
+        raise ValueError(f"schedule: expected finite log-SNR values, got {logsnr.tolist()}")
+    sig = sigma_from_logsnr(logsnr.to(torch.float64))
+    if not bool(torch.isfinite(sig).all()) or bool((sig <= 0).any()):
+        raise ValueError(f"schedule: expected finite log-SNR values, got sigmas {sig.tolist()}")
+    if bool((sig.diff() >= 0).any()):
+        raise ValueError("schedule: expected a log-SNR strictly decreasing in t (sigma increasing), got "
+                         f"logsnr(t)={logsnr.tolist()} at t={t.tolist()}")
+    return torch.cat([sig, sig.new_zeros(1)])
+

@@ -17,6 +17,15 @@ Sources of the published shapes:
     uvit_imagenet*     [SD Sec. 3.2-3.4]: convolutional levels 128-256-512 down to 16x16, 36
                        transformer blocks of width 2048, dropout 0.1 except at the highest resolution;
                        256 and 512 reach 128x128 through 1 or 2 levels of the 5/3 wavelet transform.
+    sd_unet_imagenet*  [SD Sec. 3.2-3.4]: the U-Net scaled at 16x16 only (8 blocks there, 2 elsewhere),
+                       attention at 16 and 8, dropout 0.1 at 64x64 and below (none at the highest
+                       resolution); 256 and 512 reach 128x128 through the 5/3 wavelet transform as the
+                       U-ViT does. The structure is the paper's; the widths (128 x 1-2-4-8-8) are our
+                       choice at that structure, so parameter counts are not the paper's.
+    unet_fashion64     Fashion-MNIST enlarged to 64x64: one wavelet level to 32x32, the depth at 16x16.
+    *_digits32         the bundled digits enlarged 4x to 32x32, small enough for CPU: two levels of the 5/3
+                       wavelet take the image to 8x8 (its information resolution); the U-Net has its
+                       depth and its only dropout at the lowest level, the U-ViT its transformer at 4x4.
 
 References:
     [DDPM] Ho, Jain, Abbeel 2020. [iDDPM] Nichol, Dhariwal 2021. [ADM] Dhariwal, Nichol 2021.
@@ -40,6 +49,8 @@ _ADM = dict(adagn=True, biggan=True, learn_variance=True, attn_resolutions=(32, 
 _IDDPM = dict(channels=128, num_blocks=3, attn_resolutions=(16, 8), num_heads=4, adagn=True, learn_variance=True)
 _ADM_CLS = dict(channels=128, attn_resolutions=(32, 16, 8), head_channels=64, adagn=True, biggan=True,
                 num_classes=1000)
+_SD_UNET = dict(channels=128, channel_mult=(1, 2, 4, 8, 8), level_blocks=(2, 2, 2, 8, 2), attn_resolutions=(16, 8),
+                head_channels=128, dropout=0.1, dropout_max_resolution=64, adagn=True, num_classes=1000)
 _UVIT = dict(channels=(128, 256, 512), num_blocks=2, conv_dropout=(0.0, 0.1, 0.1), width=2048, depth=36,
              head_channels=128, dropout=0.1, num_classes=1000)
 
@@ -63,6 +74,9 @@ CONFIGS: dict[str, UNetConfig | UViTConfig | ClassifierConfig | MLPConfig] = {
     "uvit_imagenet128": UViTConfig(image_size=128, **_UVIT),
     "uvit_imagenet256": UViTConfig(image_size=256, input_transform="legall53", input_levels=1, **_UVIT),
     "uvit_imagenet512": UViTConfig(image_size=512, input_transform="legall53", input_levels=2, **_UVIT),
+    "sd_unet_imagenet128": UNetConfig(image_size=128, **_SD_UNET),
+    "sd_unet_imagenet256": UNetConfig(image_size=256, input_transform="legall53", input_levels=1, **_SD_UNET),
+    "sd_unet_imagenet512": UNetConfig(image_size=512, input_transform="legall53", input_levels=2, **_SD_UNET),
     # small ones: CPU tests, the digits (8x8) and Fashion-MNIST (28x28 padded to 32x32) runs
     "unet_tiny": UNetConfig(image_size=8, channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,),
                             num_heads=2, norm_groups=8, adagn=True, biggan=True, num_classes=10),
@@ -77,6 +91,15 @@ CONFIGS: dict[str, UNetConfig | UViTConfig | ClassifierConfig | MLPConfig] = {
     "uvit_fashion": UViTConfig(image_size=32, in_channels=1, channels=(64, 128), conv_dropout=(0.0, 0.1), width=256,
                                depth=6, head_channels=64, dropout=0.1, num_classes=10),
     "mlp_digits": MLPConfig(image_size=8, in_channels=1, width=256, depth=3),
+    "unet_digits32": UNetConfig(image_size=32, in_channels=1, channels=32, channel_mult=(1, 2), level_blocks=(1, 2),
+                                attn_resolutions=(4,), head_channels=32, adagn=True, dropout=0.1,
+                                dropout_max_resolution=4, norm_groups=8, input_transform="legall53", input_levels=2),
+    "uvit_digits32": UViTConfig(image_size=32, in_channels=1, channels=(32,), num_blocks=1, conv_dropout=(0.0,),
+                                width=96, depth=3, head_channels=32, dropout=0.1, norm_groups=8,
+                                input_transform="legall53", input_levels=2),
+    "unet_fashion64": UNetConfig(image_size=64, in_channels=1, channels=64, channel_mult=(1, 2, 2),
+                                 level_blocks=(2, 4, 2), attn_resolutions=(16, 8), head_channels=32, adagn=True,
+                                 dropout=0.1, dropout_max_resolution=16, num_classes=10, input_transform="legall53"),
     "classifier_tiny": ClassifierConfig(image_size=8, channels=16, channel_mult=(1, 2), num_blocks=1,
                                         attn_resolutions=(4,), num_heads=2, norm_groups=8, adagn=True, biggan=True,
                                         num_classes=10),

@@ -9,6 +9,9 @@ AdaGN or "add then norm" (``adagn``, ADM Table 3), BigGAN residual resampling or
 (``biggan``), heads or channels per head (ADM Table 2), dropout, class conditioning with a
 reserved "no label" row for classifier-free guidance, a learned variance output (2x channels,
 [iDDPM Sec. 3.1]), and an optional lossless input downsampling (wavelet or pixel unshuffle [SD]).
+simple diffusion's U-Net [SD Sec. 3.2-3.3] is two more knobs: ``level_blocks`` (a block count per
+level, to put the depth at 16x16) and ``dropout_max_resolution`` (dropout only at feature maps of
+that size or smaller, none on the highest resolutions). Their defaults build the ADM network unchanged.
 
 The network maps ``(x, noise_cond, labels=None) -> out``: ``x: (B, C, H, W)``; ``noise_cond``: a float
 or ``(B,)`` tensor (EDM's ``c_noise``, the log-SNR, or a timestep) fed to the embedding as is;
@@ -19,7 +22,7 @@ References:
     [DDPM] Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models", App. B.
     [iDDPM] Nichol, Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models".
     [ADM] Dhariwal, Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis", Sec. 3 and App. C.
-    [SD] Hoogeboom, Heek, Salimans 2023, "simple diffusion", Sec. 3.4.
+    [SD] Hoogeboom, Heek, Salimans 2023, "simple diffusion", Sec. 3.2-3.4.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from .layers import (
     zero_,
 )
 
-__all__ = ["TrunkConfig", "UNetConfig", "UNet", "check_image_input"]
+__all__ = ["TrunkConfig", "UNetConfig", "UNet", "check_image_input", "blocks_per_level", "dropout_per_level"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,8 @@ class TrunkConfig:
     norm_groups: int = 32  # GroupNorm groups; must divide every channel count
     attention: str = "kdiff"  # "kdiff" (kdiff.kernels.attention) or "sdpa" (F.scaled_dot_product_attention)
     use_checkpoint: bool = False  # recompute blocks in the backward pass (activation checkpointing)
+    level_blocks: tuple[int, ...] | None = None  # blocks per level going down (+1 up), overriding num_blocks [SD 3.2]
+    dropout_max_resolution: int | None = None  # dropout only at feature maps this size or smaller [SD 3.3]; None: all
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,23 @@ def level_resolutions(cfg: TrunkConfig, *, input_factor: int = 1) -> list[int]:
     return [base // 2**i for i in range(len(cfg.channel_mult))]
 
 
+def blocks_per_level(cfg: TrunkConfig) -> tuple[int, ...]:
+    """Residual blocks of each level on the way down: ``level_blocks``, else ``num_blocks`` everywhere.
+
+    simple diffusion scales the U-Net at the 16x16 level only [SD Sec. 3.2]: more blocks there, the
+    standard few elsewhere. The way up has one more block per level, as in the ADM U-Net.
+    """
+    return cfg.level_blocks if cfg.level_blocks is not None else (cfg.num_blocks,) * len(cfg.channel_mult)
+
+
+def dropout_per_level(cfg: TrunkConfig, *, input_factor: int = 1) -> tuple[float, ...]:
+    """Dropout of each level: ``dropout`` where the feature map is at most ``dropout_max_resolution`` pixels
+    (all levels when it is None), else 0 [SD Sec. 3.3: dropout, but not on the highest resolutions]."""
+    limit = cfg.dropout_max_resolution
+    return tuple(cfg.dropout if limit is None or r <= limit else 0.0
+                 for r in level_resolutions(cfg, input_factor=input_factor))
+
+
 def check_trunk_config(cfg: TrunkConfig, *, input_factor: int = 1) -> None:
     """ValueError naming the field for an inconsistent configuration."""
     for name in ("image_size", "in_channels", "channels", "num_blocks", "num_heads", "norm_groups"):
@@ -104,6 +126,13 @@ def check_trunk_config(cfg: TrunkConfig, *, input_factor: int = 1) -> None:
         raise ValueError(f"channel_mult: expected a non-empty tuple of positive ints, got {cfg.channel_mult!r}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"dropout: expected a probability in [0, 1), got {cfg.dropout}")
+    if cfg.level_blocks is not None and (
+            not isinstance(cfg.level_blocks, tuple) or len(cfg.level_blocks) != len(cfg.channel_mult)
+            or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in cfg.level_blocks)):
+        raise ValueError(f"level_blocks: expected None or {len(cfg.channel_mult)} positive ints (one per level of "
+                         f"channel_mult), got {cfg.level_blocks!r}")
+    if cfg.dropout_max_resolution is not None:
+        _check_positive(cfg.dropout_max_resolution, "dropout_max_resolution")
     if cfg.attention not in ATTENTION_IMPLS:
         raise ValueError(f"attention: expected one of {', '.join(ATTENTION_IMPLS)}, got {cfg.attention!r}")
     factor = input_factor * 2 ** (len(cfg.channel_mult) - 1)
@@ -139,22 +168,26 @@ class Trunk(nn.Module):
         self.down = nn.ModuleList()
         self.skip_channels = [ch]
         resolutions = level_resolutions(cfg, input_factor=input_factor)
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_blocks):
-                blocks: list[nn.Module] = [ResBlock(ch, cfg.channels * mult, **res_kw)]
+        self.level_dropout = dropout_per_level(cfg, input_factor=input_factor)
+        for level, (mult, n_blocks) in enumerate(zip(cfg.channel_mult, blocks_per_level(cfg))):
+            level_kw = {**res_kw, "dropout": self.level_dropout[level]}
+            for _ in range(n_blocks):
+                blocks: list[nn.Module] = [ResBlock(ch, cfg.channels * mult, **level_kw)]
                 ch = cfg.channels * mult
                 if resolutions[level] in cfg.attn_resolutions:
                     blocks.append(SelfAttention2d(ch, **attn_kw))
                 self.down.append(seq(blocks))
                 self.skip_channels.append(ch)
-            if level < len(cfg.channel_mult) - 1:
-                self.down.append(seq([ResBlock(ch, ch, resample="down", **res_kw) if cfg.biggan
+            if level < len(cfg.channel_mult) - 1:  # a BigGAN block's dropout acts on its output: the next level
+                down_kw = {**res_kw, "dropout": self.level_dropout[level + 1]}
+                self.down.append(seq([ResBlock(ch, ch, resample="down", **down_kw) if cfg.biggan
                                       else Downsample(ch, conv=cfg.conv_resample)]))
                 self.skip_channels.append(ch)
-        middle: list[nn.Module] = [ResBlock(ch, ch, **res_kw)]
+        mid_kw = {**res_kw, "dropout": self.level_dropout[-1]}
+        middle: list[nn.Module] = [ResBlock(ch, ch, **mid_kw)]
         if cfg.mid_attention:
             middle.append(SelfAttention2d(ch, **attn_kw))
-        self.middle = seq(middle + [ResBlock(ch, ch, **res_kw)])
+        self.middle = seq(middle + [ResBlock(ch, ch, **mid_kw)])
         self.out_channels = ch
 
     def forward(self, x: Tensor, noise_cond: Tensor | float,
@@ -196,14 +229,18 @@ class UNet(nn.Module):
         resolutions = level_resolutions(cfg, input_factor=self.input_factor)
         ch = self.trunk.out_channels
         self.up = nn.ModuleList()
+        level_blocks = blocks_per_level(cfg)
         for level in reversed(range(len(cfg.channel_mult))):
-            for i in range(cfg.num_blocks + 1):
-                blocks: list[nn.Module] = [ResBlock(ch + skips.pop(), cfg.channels * cfg.channel_mult[level], **res_kw)]
-                ch = cfg.channels * cfg.channel_mult[level]
+            level_kw = {**res_kw, "dropout": self.trunk.level_dropout[level]}
+            for i in range(level_blocks[level] + 1):
+                out_ch = cfg.channels * cfg.channel_mult[level]
+                blocks: list[nn.Module] = [ResBlock(ch + skips.pop(), out_ch, **level_kw)]
+                ch = out_ch
                 if resolutions[level] in cfg.attn_resolutions:
                     blocks.append(SelfAttention2d(ch, **attn_kw))
-                if level > 0 and i == cfg.num_blocks:
-                    blocks.append(ResBlock(ch, ch, resample="up", **res_kw) if cfg.biggan
+                if level > 0 and i == level_blocks[level]:  # dropout on the upsampled output: the level above
+                    up_kw = {**res_kw, "dropout": self.trunk.level_dropout[level - 1]}
+                    blocks.append(ResBlock(ch, ch, resample="up", **up_kw) if cfg.biggan
                                   else Upsample(ch, conv=cfg.conv_resample))
                 self.up.append(seq(blocks))
         self.norm_out = group_norm(ch, cfg.norm_groups)
