@@ -15,6 +15,7 @@ channels; the network sees (x - 128) / 128. Numbers are therefore comparable wit
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import os
@@ -284,6 +285,77 @@ def digits_accuracy(images: np.ndarray, labels: np.ndarray | Tensor, *, classifi
     classifier = fit_digits_classifier() if classifier is None else classifier
     predicted = classifier.predict(images.reshape(len(images), -1) / 255.0)
     return float(np.mean(predicted == labels))
+
+
+# --------------------------------------------------------------------------------------------- digits Frechet distance
+
+DIGITS_FEATURE_DIM = 64
+
+
+def fit_digits_feature_net(*, steps: int = 100, seed: int = 0) -> torch.nn.Module:
+    """A small classifier's feature extractor for 8x8 digits: ``u / 255`` (64 pixels) -> 128 -> 64 (ReLU each).
+
+    Trained with a linear head to classify the real training split of scikit-learn's digits (full-batch Adam,
+    lr 2e-2, weight decay 1e-4, ``steps`` steps, float32, weights drawn from a generator seeded ``seed``; about
+    0.92 accuracy on the test split, a fraction of a second on one core). Deterministic for a fixed thread count.
+    Returns the extractor, in eval mode, mapping float32 (N, 64) -> (N, 64).
+    """
+    check_int(steps, "steps", low=1)
+    g = torch.Generator().manual_seed(check_int(seed, "seed"))
+
+    def linear(n_in: int, n_out: int) -> torch.nn.Linear:
+        layer = torch.nn.Linear(n_in, n_out)
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(n_out, n_in, generator=g) / n_in**0.5)
+            layer.bias.zero_()
+        return layer
+
+    images, labels = data.digits_arrays(split="train")
+    x = torch.from_numpy(images.reshape(len(images), -1) / np.float32(255.0))
+    y = torch.from_numpy(labels)
+    features = torch.nn.Sequential(linear(64, 128), torch.nn.ReLU(), linear(128, DIGITS_FEATURE_DIM), torch.nn.ReLU())
+    head = linear(DIGITS_FEATURE_DIM, 10)
+    optimizer = torch.optim.Adam([*features.parameters(), *head.parameters()], lr=2e-2, weight_decay=1e-4)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy(head(features(x)), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return features.eval().requires_grad_(False)
+
+
+@functools.cache
+def _digits_feature_net() -> torch.nn.Module:
+    return fit_digits_feature_net()
+
+
+def digits_features(images: np.ndarray, *, net: torch.nn.Module | None = None) -> np.ndarray:
+    """Features of uint8 8x8 digits (N, 8, 8[, 1]) -> float64 (N, 64) from :func:`fit_digits_feature_net`."""
+    images = data.as_images(images)
+    if images.shape[1:] != (8, 8, 1):
+        raise ValueError(f"images: expected digits of shape (N, 8, 8, 1), got {images.shape}")
+    net = _digits_feature_net() if net is None else net
+    with torch.no_grad():
+        return net(torch.from_numpy(images.reshape(len(images), -1) / np.float32(255.0))).double().numpy()
+
+
+def digits_frechet_distance(images: np.ndarray, reference: np.ndarray | None = None, *,
+                            net: torch.nn.Module | None = None) -> float:
+    """Frechet distance (Heusel et al. 2017, eq. 6) between uint8 8x8 digits and ``reference`` (default: the real
+    test split), in the feature space of :func:`fit_digits_feature_net`. Needs no labels, so it scores
+    unconditional models too. :func:`digits_frechet_floor` is what real training digits score."""
+    net = _digits_feature_net() if net is None else net
+    reference = data.digits_arrays(split="test")[0] if reference is None else reference
+    mu_s, sigma_s = feature_stats(digits_features(images, net=net))
+    mu_r, sigma_r = feature_stats(digits_features(reference, net=net))
+    return frechet_distance(mu_s, sigma_s, mu_r, sigma_r)
+
+
+def digits_frechet_floor(*, net: torch.nn.Module | None = None) -> float:
+    """:func:`digits_frechet_distance` of the 1,437 real training digits against the 360 real test digits: the
+    distance two finite samples of the true distribution already have (what a perfect model would score)."""
+    return digits_frechet_distance(data.digits_arrays(split="train")[0], net=net)
 
 
 # --------------------------------------------------------------------------------------------- summaries

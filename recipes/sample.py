@@ -1,11 +1,13 @@
-"""Draw samples from a trained recipe checkpoint: any solver, steps, guidance scale, per-sample seeds.
+"""Draw samples from any recipe's checkpoint: any solver, steps, guidance scale, per-sample seeds.
 
     python -m recipes.sample runs/edm-digits --num 100 --solver heun --steps 18 --guidance 2.0
     python -m recipes.sample runs/edm-fashion/ckpt-00030000.pt --seeds 0-49999 --out runs/edm-fashion/samples-50k
 
-Image ``i`` is drawn from ``seed i`` alone (for deterministic solvers), so any single image can be regenerated
-with ``--seeds i``. Output: ``OUT/samples.h5`` (uint8 images, the labels used) and ``OUT/samples.png`` (the first
-100). The EMA weights are used.
+The checkpoint names the recipe that wrote it and its config; the recipe rebuilds the network from them.
+Besides the options below, the recipe's sampling fields can be overridden (for EDM: ``--solver --guidance
+--sigma-min --sigma-max --rho --s-churn``; ``--steps`` sets ``sample_steps``). Image ``i`` is drawn from seed
+``i`` alone (for deterministic solvers), so any single image can be regenerated with ``--seeds i``. Output:
+``OUT/samples.h5`` (uint8 images, the labels used) and ``OUT/samples.png`` (the first 100). EMA weights are used.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,9 +23,9 @@ import torch
 
 from kdiff import data
 
-from . import edm
-from .common import config_from_dict, latest_checkpoint, load_checkpoint
-from .train_loop import write_grid
+from .config import RaisingArgumentParser, parse_value, type_name
+from .grids import write_grid
+from .image import Loaded, grid_labels, load_for_sampling, sample_images, write_samples
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -43,68 +46,87 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def load_model(checkpoint: str | Path, *, device: torch.device) -> tuple[torch.nn.Module, edm.EDMConfig, tuple]:
-    """The EMA network of a recipes.edm checkpoint (a file, or a run directory: its newest checkpoint)."""
-    path = Path(checkpoint)
-    if path.is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise ValueError(f"checkpoint: expected a checkpoint file or a run directory with one, got {str(path)!r}")
-        path = found
-    state = load_checkpoint(path)
-    config = config_from_dict(edm.EDMConfig, state["config"])
-    ema_state = state["ema"]
-    # The network's shape comes from the saved weights: input channels and label table.
-    in_channels = next(v for k, v in ema_state.items() if k.endswith("weight") and v.ndim == 4).shape[1]
-    label_rows = [v.shape[0] for k, v in ema_state.items() if "label" in k and k.endswith("weight") and v.ndim == 2]
-    num_classes = label_rows[0] - 1 if label_rows and config.conditional else None
-    model = edm.build_model(config, in_channels=in_channels, num_classes=num_classes)
-    model.load_state_dict(ema_state)
-    model.to(device).eval().requires_grad_(False)
-    return model, config, (in_channels, config.image_size, config.image_size)
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device: expected 'cpu' or 'auto' on this machine ('cuda' requested, but torch sees no "
+                         "CUDA device)")
+    return torch.device(name)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = RaisingArgumentParser(prog="python -m recipes.sample", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("checkpoint", help="a checkpoint file or run directory (its newest checkpoint)")
+    p.add_argument("--num", type=int, default=100, help="number of samples (seeds 0..num-1) unless --seeds is given")
+    p.add_argument("--seeds", default=None, help="explicit seeds, e.g. '0-49999' or '3,17'")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the training config's)")
+    p.add_argument("--label", type=int, default=None, help="one class for every sample (default: cycle classes)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per sampler batch")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", default=None, help="output folder (default: CHECKPOINT_DIR/samples-<solver>-<steps>)")
+    return p
+
+
+def _apply_overrides(loaded: Loaded, rest: list[str], steps: int | None) -> object:
+    """The checkpoint's config with ``--steps`` and the recipe's sampling fields given as flags."""
+    recipe, config = loaded.recipe, loaded.config
+    hints = typing.get_type_hints(recipe.config)
+    p = RaisingArgumentParser(prog="python -m recipes.sample", allow_abbrev=False)
+    for name in recipe.sampling_fields:
+        if name != "sample_steps":
+            p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
+                           help=type_name(hints[name]))
+    namespace, unknown = p.parse_known_args(rest)
+    if unknown:
+        flags = ", ".join(f"--{n.replace('_', '-')}" for n in recipe.sampling_fields if n != "sample_steps")
+        raise ValueError(f"unknown flag {unknown[0]!r}; recipe {recipe.name!r} takes the sampling flags {flags} "
+                         "besides the options in --help")
+    changes = {name: parse_value(text, hints[name], f"--{name.replace('_', '-')}")
+               for name, text in vars(namespace).items()}
+    if steps is not None:
+        changes["sample_steps"] = steps
+    try:
+        return dataclasses.replace(config, **changes)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"sampling settings: {e}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m recipes.sample", description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", help="a recipes.edm checkpoint file or run directory (newest checkpoint)")
-    p.add_argument("--num", type=int, default=100, help="number of samples (seeds 0..num-1) unless --seeds is given")
-    p.add_argument("--seeds", default=None, help="explicit seeds, e.g. '0-49999' or '3,17'")
-    p.add_argument("--solver", default=None, choices=["heun", "euler", "dpmpp_2m", "ddim", "ddpm"])
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the training config's)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1: conditional)")
-    p.add_argument("--s-churn", type=float, default=None, help="EDM stochastic sampler churn (0: deterministic)")
-    p.add_argument("--label", type=int, default=None, help="one class for every sample (default: cycle classes)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--out", default=None, help="output folder (default: CHECKPOINT_DIR/samples-<solver>-<steps>)")
-    args = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        _parser().print_help()
+        return 0
     try:
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              ("cpu" if args.device == "auto" else args.device))
-        model, config, shape = load_model(args.checkpoint, device=device)
-        changes = {k: v for k, v in (("solver", args.solver), ("sample_steps", args.steps),
-                                     ("guidance", args.guidance), ("s_churn", args.s_churn)) if v is not None}
-        config = dataclasses.replace(config, **changes)
+        args, rest = _parser().parse_known_args(argv)
         if args.num < 1:
-            raise ValueError(f"--num: expected >= 1, got {args.num}")
+            raise ValueError(f"--num: expected an int >= 1, got {args.num}")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size: expected an int >= 1, got {args.batch_size}")
+        device = _device(args.device)
         seeds = parse_seeds(args.seeds) if args.seeds else list(range(args.num))
-        num_classes = edm.num_classes_of(model)
+        loaded = load_for_sampling(args.checkpoint, device=device)
+        config = _apply_overrides(loaded, rest, args.steps)
+        num_classes = loaded.info.num_classes
         if args.label is not None and (num_classes is None or not 0 <= args.label < num_classes):
             raise ValueError(f"--label: expected a class in [0, {num_classes}) of a labelled model, got {args.label}")
-        labels = None
+        labels = grid_labels(0, num_classes)
         if num_classes is not None:
             labels = (torch.full((len(seeds),), args.label) if args.label is not None
                       else torch.tensor(seeds) % num_classes)
+        ckpt_dir = loaded.path.parent
+        out = Path(args.out) if args.out else ckpt_dir / f"samples-{config.solver}-{config.sample_steps}"
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out: expected a directory (or a new path), got the file {str(out)!r}")
+        images = sample_images(loaded.recipe, loaded.model, config, loaded.info, seeds, labels, extras=loaded.extras,
+                               batch_size=args.batch_size, progress=True)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    ckpt_dir = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
-    out = Path(args.out) if args.out else ckpt_dir / f"samples-{config.solver}-{config.sample_steps}"
-    images = edm.generate(model, config, seeds, labels, shape=shape, batch_size=args.batch_size, progress=True)
     u8 = data.uint8_from_x(images).permute(0, 2, 3, 1).numpy()
-    data.write_h5(out / "samples.h5", u8, None if labels is None else labels.numpy(), split="test",
-                  source=f"recipes.sample {args.checkpoint}: {config.solver}, {config.sample_steps} steps, "
-                         f"guidance {config.guidance}, seeds {seeds[0]}..{seeds[-1]}")
+    write_samples(out / "samples.h5", u8, labels, loaded.info,
+                  source=f"recipes.sample {args.checkpoint} ({loaded.recipe.name}): {config.solver}, "
+                         f"{config.sample_steps} steps, guidance {config.guidance}, seeds {seeds[0]}..{seeds[-1]}")
     write_grid(images[:100], out / "samples.png")
     print(f"{len(seeds)} samples: {out / 'samples.h5'}  grid: {out / 'samples.png'}")
     return 0

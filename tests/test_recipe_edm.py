@@ -11,8 +11,10 @@ import torch
 from kdiff import data
 from recipes import edm, evaluate
 from recipes import sample as sample_cli
-from recipes.common import load_checkpoint
-from recipes.train_loop import Rand
+from recipes.checkpoints import load_checkpoint
+from recipes.distributed import Rand
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny(tmp_path, **kw) -> edm.EDMConfig:

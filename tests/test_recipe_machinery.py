@@ -31,37 +31,28 @@ if str(ROOT) not in sys.path:  # recipes/ is run from the repository root, not i
 
 import _tiny_train as tiny  # noqa: E402
 
-from recipes.common import (  # noqa: E402
-    TrainConfig,
-    adamw,
-    autocast,
-    build_parser,
+from recipes.checkpoints import (  # noqa: E402
     checkpoint_path,
-    config_from_dict,
-    config_to_dict,
-    config_to_flags,
-    ema_decay,
-    ema_update,
     load_checkpoint,
-    lr_at,
-    parse_cli,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from recipes.train_loop import (  # noqa: E402
-    Dist,
-    NonFiniteLossError,
-    Rand,
-    ResumableBatchSampler,
-    init_distributed,
-    make_grid,
-    train,
-    write_grid,
+from recipes.config import (  # noqa: E402
+    build_parser,
+    config_from_dict,
+    config_to_dict,
+    config_to_flags,
+    parse_cli,
 )
+from recipes.distributed import Dist, Rand, ResumableBatchSampler, init_distributed  # noqa: E402
+from recipes.grids import make_grid, write_grid  # noqa: E402
+from recipes.loop import NonFiniteLossError, train  # noqa: E402
+from recipes.optim import adamw, autocast, ema_decay, ema_update, lr_at  # noqa: E402
+from recipes.train_config import TrainConfig  # noqa: E402
 
 TINY = Path(tiny.__file__)
-STATE_KEYS = ("model", "ema", "optimizer", "sampler", "generator", "rng")
+STATE_KEYS = ("model", "ema", "optimizer", "sampler", "generator", "rng", "extra_models", "recipe_state")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,11 +151,12 @@ def test_resume_flag_takes_the_saved_config(tmp_path):
     fresh = parse_cli(DemoConfig, DEMO_PRESETS, ["--out-dir", str(run), "--resume"])
     assert fresh.resume is None and fresh.config == dataclasses.replace(DEMO_PRESETS["small"], out_dir=str(run))
     for step in (2, 4):
-        save_checkpoint({"model": {}}, saved, out_dir=run, step=step)
-    assert json.loads(checkpoint_path(run, 4).with_suffix(".json").read_text()) == config_to_dict(saved)
+        save_checkpoint({"model": {}}, config_to_dict(saved), out_dir=run, step=step, recipe="demo")
+    record = json.loads(checkpoint_path(run, 4).with_suffix(".json").read_text())
+    assert record == {"recipe": "demo", "step": 4, "config": config_to_dict(saved)}
     for argv in (["--out-dir", str(run), "--resume"], ["--resume", str(run)],
                  ["--resume", str(checkpoint_path(run, 4))]):
-        cli = parse_cli(DemoConfig, DEMO_PRESETS, [*argv, "--steps", "9"])
+        cli = parse_cli(DemoConfig, DEMO_PRESETS, [*argv, "--steps", "9", "--out-dir", str(run)])
         assert cli.resume == checkpoint_path(run, 4)
         assert cli.config == dataclasses.replace(saved, steps=9)
     with pytest.raises(ValueError, match=r"--resume: expected a checkpoint file or a run directory, got '.*nope'"):
@@ -332,7 +324,7 @@ def test_distributed_env_errors(monkeypatch, env, message):
 def test_make_grid_layout_and_png(tmp_path, channels, n, nrow):
     levels = torch.randint(0, 256, (n, channels, 3, 5), generator=torch.Generator().manual_seed(n))
     images = levels.double() / 127.5 - 1  # exactly representable 8-bit levels
-    grid = write_grid(images, tmp_path / "g.png", nrow=nrow, padding=1)
+    grid = write_grid(images, tmp_path / "g.png", nrow=nrow, padding=1, min_size=0)
     cols = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     assert grid.shape == (rows * 4 + 1, cols * 6 + 1, channels) and grid.dtype == torch.uint8
@@ -345,7 +337,22 @@ def test_make_grid_layout_and_png(tmp_path, channels, n, nrow):
     png = np.asarray(Image.open(tmp_path / "g.png"))
     assert np.array_equal(png.reshape(grid.shape), grid.numpy())
     white = torch.full((2, 2, 1), 255, dtype=torch.uint8)
-    assert torch.equal(make_grid(torch.full((1, 1, 2, 2), 5.0), padding=0), white)  # clipped to 8 bits
+    assert torch.equal(make_grid(torch.full((1, 1, 2, 2), 5.0), padding=0, min_size=0), white)  # clipped to 8 bits
+
+
+@pytest.mark.parametrize("size, factor", [(8, 4), (3, 11), (28, 2), (32, 1), (40, 1)])
+def test_small_images_are_enlarged_by_nearest_neighbour(size, factor):
+    """Each pixel becomes a factor x factor block (factor = ceil(32 / size)); cells are >= 32 px; nothing blends."""
+    levels = torch.randint(0, 256, (5, 1, size, size), generator=torch.Generator().manual_seed(size))
+    grid = make_grid(levels.double() / 127.5 - 1, nrow=5, padding=2)
+    cell = size * factor
+    assert cell >= 32 and grid.shape == (cell + 4, 5 * (cell + 2) + 2, 1)
+    for i in range(5):
+        left = 2 + i * (cell + 2)
+        block = grid[2:2 + cell, left:left + cell, 0]
+        expected = levels[i, 0].to(torch.uint8)[:, None, :, None].expand(size, factor, size, factor)
+        assert torch.equal(block, expected.reshape(cell, cell))
+    assert make_grid(torch.zeros(100, 1, 8, 8), padding=2).shape == (342, 342, 1)  # the digits grid: 10 x 10 cells
 
 
 def test_make_grid_errors():
@@ -361,7 +368,7 @@ def test_make_grid_errors():
 
 
 def test_a_crash_while_saving_keeps_the_old_checkpoint(tmp_path, monkeypatch):
-    config = tiny.PRESETS["tiny"]
+    config = config_to_dict(tiny.PRESETS["tiny"])
     old = save_checkpoint({"model": {"w": torch.arange(10.0)}}, config, out_dir=tmp_path, step=3)
     before = old.read_bytes()
     real_save = torch.save
@@ -459,7 +466,7 @@ def test_resume_in_process_is_bitwise(reference, tmp_path):
 def test_sample_grids_do_not_disturb_training(reference, tmp_path):
     full, _, _ = reference
 
-    def sample_fn(ema, generator):
+    def sample_fn(ema, generator, extras):
         torch.rand(100)  # a careless sampler touching the global RNG
         return torch.tanh(ema(torch.randn(6, 17, generator=generator)).view(6, 1, 4, 4))
 
@@ -503,6 +510,124 @@ def test_nan_loss_stops_with_the_last_checkpoint_intact(reference, tmp_path):
     assert info.value.step == 10 and info.value.checkpoint == checkpoint_path(tmp_path, 6)
     assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-00000006.json", "ckpt-00000006.pt"]
     assert_same_training_state(checkpoint_path(full.out_dir, 6), checkpoint_path(tmp_path, 6))
+
+
+def rich_config(out_dir: Path, **changes) -> tiny.TinyConfig:
+    return tiny_config(out_dir, importance=True, classifier=True, **changes)
+
+
+@pytest.fixture(scope="module")
+def rich_reference(tmp_path_factory):
+    """The tiny preset with a loss history (recipe-owned state) and a second model, uninterrupted."""
+    config = rich_config(tmp_path_factory.mktemp("rich"))
+    train(config, **tiny.tiny_parts(config), dist=Dist(), recipe="tiny")
+    return config
+
+
+def test_recipe_state_and_a_second_model_resume_bitwise(rich_reference, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    part = rich_config(tmp_path, steps=7)
+    train(part, **tiny.tiny_parts(part), dist=Dist(), recipe="tiny")
+    full = dataclasses.replace(part, steps=24)
+    with pytest.warns(UserWarning, match=r"\['steps'\]"):
+        result = train(full, **tiny.tiny_parts(full), dist=Dist(), recipe="tiny", resume=checkpoint_path(tmp_path, 7))
+    assert_same_training_state(checkpoint_path(rich_reference.out_dir, 24), checkpoint_path(tmp_path, 24))
+    saved = load_checkpoint(checkpoint_path(tmp_path, 24))
+    assert saved["recipe"] == "tiny" and saved["recipe_state"]["history"]["count"] == 24
+    assert not torch.equal(saved["recipe_state"]["history"]["values"], torch.ones(4, dtype=torch.float64))
+    classifier = saved["extra_models"]["classifier"]
+    assert classifier["optimizer"]["param_groups"][0]["lr"] == 1e-2  # its own optimizer, not the config's lr
+    assert (classifier["model"]["1.weight"] - classifier["ema"]["1.weight"]).abs().max() > 0
+    assert set(result.extra) == {"classifier"} and "classifier/loss" in result.metrics
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert {"classifier/loss", "classifier/grad_norm"} <= set(events.Tags()["scalars"])
+    # a checkpoint without the state this run declares is refused, naming both sides
+    plain = tiny_config(tmp_path / "plain", steps=2)
+    run_tiny(plain)
+    with pytest.raises(ValueError, match=r"extra models \[\] and recipe state \[\]; this run has \['classifier'\]"):
+        train(full, **tiny.tiny_parts(full), dist=Dist(), resume=checkpoint_path(tmp_path / "plain", 2))
+
+
+def test_max_seconds_stops_saves_and_resumes_exactly(reference, tmp_path):
+    full, _, _ = reference
+    grids = []
+
+    def sample_fn(ema, generator, extras):
+        grids.append(sorted(p.name for p in tmp_path.glob("ckpt-*.pt")))  # what is on disk when sampling starts
+        return torch.zeros(1, 1, 4, 4)
+
+    config = dataclasses.replace(full, out_dir=str(tmp_path), step_delay=0.05, max_seconds=0.3)
+    result = train(config, **tiny.tiny_parts(config), sample_fn=sample_fn, dist=Dist())
+    assert result.stopped_early and 1 <= result.step < 24
+    assert result.checkpoint == checkpoint_path(tmp_path, result.step) and result.checkpoint.is_file()
+    assert grids == [[result.checkpoint.name]]  # saved before the final grid was drawn
+    again = dataclasses.replace(config, step_delay=0.0, max_seconds=None)
+    with pytest.warns(UserWarning):
+        done = train(again, **tiny.tiny_parts(again), dist=Dist(), resume=result.checkpoint)
+    assert done.step == 24 and not done.stopped_early
+    assert_same_training_state(checkpoint_path(full.out_dir, 24), checkpoint_path(tmp_path, 24))
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    config = tiny_config(tmp_path, steps=3, checkpoint_every=1)
+    with pytest.raises(ValueError, match=r"lr: expected a finite float, got inf"):
+        dataclasses.replace(config, lr=math.inf)
+    with pytest.raises(ValueError, match=r"--lr: expected a finite float, got nan"):
+        parse_cli(tiny.TinyConfig, tiny.PRESETS, ["--lr", "nan"])
+    # a schedule that overshoots to inf: the loss and gradient of step 1 are finite, the weights after it are not
+    with pytest.raises(NonFiniteLossError, match=r"non-finite weights of model .* at step 1 .*no checkpoint"):
+        train(config, **tiny.tiny_parts(config), dist=Dist(), lr_fn=lambda step: math.inf)
+    assert not list(tmp_path.glob("ckpt-*"))
+
+
+def test_a_run_directory_is_locked(tmp_path):
+    from recipes.checkpoints import RunDirectoryLockedError, RunLock
+
+    config = tiny_config(tmp_path, steps=2)
+    with RunLock(tmp_path), pytest.raises(RunDirectoryLockedError, match=rf"in use by another run \(pid {os.getpid()}"):
+        run_tiny(config)
+    assert not list(tmp_path.glob("ckpt-*"))
+    assert run_tiny(config).step == 2  # released: the directory is usable again
+
+
+def test_resume_takes_paths_and_retention_from_this_run(tmp_path):
+    foreign = tmp_path / "foreign"
+    saved = DemoConfig(out_dir=str(foreign), keep_checkpoints=1, steps=5)
+    save_checkpoint({"model": {}}, config_to_dict(saved), out_dir=foreign, step=5)
+    cli = parse_cli(DemoConfig, DEMO_PRESETS, ["--resume", str(checkpoint_path(foreign, 5))])
+    assert cli.config.out_dir == DEMO_PRESETS["small"].out_dir and cli.config.keep_checkpoints == 2
+    assert cli.config.steps == 5  # the rest of the run's settings do come from the checkpoint
+    cli = parse_cli(DemoConfig, DEMO_PRESETS, ["--resume", str(foreign), "--out-dir", str(tmp_path / "mine")])
+    assert cli.config.out_dir == str(tmp_path / "mine")
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_lr_schedules_match_their_closed_forms(schedule):
+    lr, warm, total = 0.5, 4, 20
+    for step in range(total + 3):
+        ramp = min(1.0, (step + 1) / warm)
+        p = min(1.0, max(0.0, (step - warm) / (total - warm)))
+        decay = {"constant": 1.0, "linear": 1 - p, "cosine": 0.5 * (1 + math.cos(math.pi * p))}[schedule]
+        got = lr_at(step, lr=lr, warmup_steps=warm, schedule=schedule, total_steps=total)
+        assert got == pytest.approx(lr * ramp * decay, rel=1e-12, abs=1e-15)
+    with pytest.raises(ValueError, match="total_steps"):
+        lr_at(3, lr=lr, warmup_steps=0, schedule="cosine")
+
+
+def test_adam_without_decay_is_pluggable(tmp_path):
+    from recipes.optim import make_optimizer
+
+    config = tiny_config(tmp_path, steps=3, optimizer="adam")
+    model = tiny.tiny_model(config)
+    opt = make_optimizer(model.parameters(), config)
+    assert type(opt) is torch.optim.Adam and all(g["weight_decay"] == 0 for g in opt.param_groups)
+    assert type(make_optimizer(model.parameters(), tiny_config(tmp_path))) is torch.optim.AdamW
+    with pytest.raises(ValueError, match=r"weight_decay: expected 0 with optimizer 'adam'"):
+        tiny_config(tmp_path, optimizer="adam", weight_decay=0.1)
+    result = run_tiny(config)
+    assert type(result.optimizer) is torch.optim.Adam
 
 
 class EpochTagged(torch.utils.data.Dataset):
@@ -584,9 +709,11 @@ def torchrun_run(tmp_path_factory):
         proc.wait()
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(reference, torchrun_run, tmp_path):
+def test_sigkill_then_resume_equals_an_uninterrupted_run(rich_reference, torchrun_run, tmp_path):
+    """With recipe-owned state (a loss history) and a second model (a classifier with its own Adam) included."""
     # (torchrun_run is requested here only so that it runs alongside this test)
-    victim = launch([sys.executable, str(TINY), f"--out-dir={tmp_path}", "--step-delay=0.15"], tmp_path / "log.txt")
+    victim = launch([sys.executable, str(TINY), f"--out-dir={tmp_path}", "--step-delay=0.15", "--importance",
+                     "--classifier"], tmp_path / "log.txt")
     deadline = time.monotonic() + 240
     while not checkpoint_path(tmp_path, 6).exists():
         assert victim.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
@@ -600,7 +727,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(reference, torchrun_run
     with pytest.warns(UserWarning, match=r"\['step_delay'\]"):
         result = tiny.main([f"--out-dir={tmp_path}", "--resume", "--step-delay=0"])
     assert result.step == 24
-    assert_same_training_state(checkpoint_path(reference[0].out_dir, 24), checkpoint_path(tmp_path, 24))
+    assert_same_training_state(checkpoint_path(rich_reference.out_dir, 24), checkpoint_path(tmp_path, 24))
 
 
 def test_torchrun_two_gloo_ranks_match_one_process(reference, torchrun_run):
