@@ -22,7 +22,7 @@ from ._util import Scalar, check_float, check_range, coef_dtype, per_sample
 from .param import edm_precond, x_from_eps, x_from_v
 from .schedules import alpha_sigma, logsnr_from_alphas_bar, logsnr_from_sigma
 
-__all__ = ["Denoise", "edm_denoiser", "vp_denoiser", "timestep_from_sigma"]
+__all__ = ["Denoise", "edm_denoiser", "vp_denoiser", "timestep_from_sigma", "clip_denoised"]
 
 Denoise = Callable[[Tensor, Scalar], Tensor]
 PARAMS = ("eps", "v", "x")
@@ -140,3 +140,23 @@ def vp_denoiser(net: Callable[[Tensor, Tensor], Tensor], *, param: str = "eps", 
         return (denoised, (v_raw + 1.0) / 2.0) if learned_variance else denoised
 
     return denoise
+
+
+def clip_denoised(denoise: Callable, *, low: float = -1.0, high: float = 1.0) -> Callable:
+    """``denoise'(x, sigma) = clamp(denoise(x, sigma), low, high)``: DDPM's and ADM's clip of the predicted x0.
+
+    DDPM (Alg. 2 as released) and iDDPM/ADM clip the predicted clean image to the data range [-1, 1] before it
+    enters the posterior mean (ancestral steps) or the DDIM update, where the implied noise ``(x - denoised) /
+    sigma`` then comes from the clipped value, as in ADM's DDIM. A learned-variance denoiser's pair
+    ``(denoised, frac)`` keeps its ``frac``. Off unless wrapped: clipping changes the model.
+    """
+    if not low < high:
+        raise ValueError(f"low, high: expected low < high, got {low}, {high}")
+
+    def clipped(x: Tensor, sigma: Scalar) -> Tensor | tuple[Tensor, Tensor]:
+        out = denoise(x, sigma)
+        if isinstance(out, tuple):
+            return out[0].clamp(low, high), out[1]
+        return out.clamp(low, high)
+
+    return clipped

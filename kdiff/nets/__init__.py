@@ -24,6 +24,7 @@ from .layers import (
     null_labels,
     sinusoidal_embedding,
 )
+from .mlp import MLP, MLPConfig
 from .unet import TrunkConfig, UNet, UNetConfig
 from .uvit import UViT, UViTConfig
 
@@ -32,4 +33,5 @@ __all__ = [
     "CONFIGS", "build", "count_params", "dwt", "idwt", "downsample_input", "upsample_output",
     "drop_labels", "null_labels", "sinusoidal_embedding", "NoiseEmbedding", "LabelEmbedding", "GroupNorm32",
     "AdaGN", "ResBlock", "Downsample", "Upsample", "SelfAttention2d", "TransformerBlock", "AttentionPool2d",
+    "MLP", "MLPConfig",
 ]

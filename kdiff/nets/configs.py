@@ -30,6 +30,7 @@ from dataclasses import replace
 from torch import nn
 
 from .classifier import ClassifierConfig, NoisyClassifier
+from .mlp import MLP, MLPConfig
 from .unet import UNet, UNetConfig
 from .uvit import UViT, UViTConfig
 
@@ -42,7 +43,7 @@ _ADM_CLS = dict(channels=128, attn_resolutions=(32, 16, 8), head_channels=64, ad
 _UVIT = dict(channels=(128, 256, 512), num_blocks=2, conv_dropout=(0.0, 0.1, 0.1), width=2048, depth=36,
              head_channels=128, dropout=0.1, num_classes=1000)
 
-CONFIGS: dict[str, UNetConfig | UViTConfig | ClassifierConfig] = {
+CONFIGS: dict[str, UNetConfig | UViTConfig | ClassifierConfig | MLPConfig] = {
     # published architectures
     "ddpm_cifar10": UNetConfig(image_size=32, channels=128, channel_mult=(1, 2, 2, 2), num_blocks=2,
                                attn_resolutions=(16,), dropout=0.1),
@@ -75,6 +76,7 @@ CONFIGS: dict[str, UNetConfig | UViTConfig | ClassifierConfig] = {
                             head_channels=8, dropout=0.0, norm_groups=8, num_classes=10),
     "uvit_fashion": UViTConfig(image_size=32, in_channels=1, channels=(64, 128), conv_dropout=(0.0, 0.1), width=256,
                                depth=6, head_channels=64, dropout=0.1, num_classes=10),
+    "mlp_digits": MLPConfig(image_size=8, in_channels=1, width=256, depth=3),
     "classifier_tiny": ClassifierConfig(image_size=8, channels=16, channel_mult=(1, 2), num_blocks=1,
                                         attn_resolutions=(4,), num_heads=2, norm_groups=8, adagn=True, biggan=True,
                                         num_classes=10),
@@ -90,6 +92,8 @@ def build(name: str, **overrides: object) -> nn.Module:
         return UViT(cfg)
     if isinstance(cfg, ClassifierConfig):
         return NoisyClassifier(cfg)
+    if isinstance(cfg, MLPConfig):
+        return MLP(cfg)
     return UNet(cfg)
 
 
