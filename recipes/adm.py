@@ -536,7 +536,7 @@ def sweep_main(argv: Sequence[str]) -> int:
     try:
         loaded = load_for_sampling(args.model, device=args.device)
         guide = load_for_sampling(args.classifier or args.model, device=args.device)
-        if not isinstance(guide.config, ADMConfig) or "classifier" not in guide.extras:
+        if guide.recipe.name != "adm" or "classifier" not in guide.extras:
             raise ValueError(f"--classifier: expected an ADM run with a classifier, got {guide.path}")
         changes: dict[str, Any] = {"progress": True}
         if args.sweep_scales is not None:
@@ -545,7 +545,7 @@ def sweep_main(argv: Sequence[str]) -> int:
             if getattr(args, key) is not None:
                 changes[key] = getattr(args, key)
         config = dataclasses.replace(guide.config, **changes)
-        if isinstance(loaded.config, ADMConfig):
+        if loaded.recipe.name == "adm":  # (not isinstance: under -m this module is __main__, not recipes.adm)
             def sample_denoiser(y):
                 return model_denoiser(loaded.model, config, y)
         else:  # any other recipe's denoiser, without its own guidance

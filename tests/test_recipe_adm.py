@@ -4,7 +4,11 @@ bitwise resume of classifier training, config checks and the trade-off plot."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -175,6 +179,20 @@ def test_classifier_training_resumes_bitwise(tmp_path):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
     before = load_checkpoint(tmp_path / "a" / "ckpt-00000002.pt")["extra_models"]["classifier"]["model"]
     assert any(not torch.equal(before[k], cb["model"][k]) for k in before)  # it trained after the resume
+
+
+@pytest.mark.slow
+def test_sweep_command_on_a_finished_run(tmp_path):
+    """``python -m recipes.adm sweep RUN`` as a user runs it (the module is then __main__, not recipes.adm)."""
+    adm.RECIPE.run(tiny_config(tmp_path, steps=2))
+    out = subprocess.run([sys.executable, "-m", "recipes.adm", "sweep", str(tmp_path / "run"), "--sweep-scales",
+                          "0,2", "--sweep-samples", "3", "--sample-steps", "2", "--sampler", "ddim"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "KDIFF_KERNELS": "torch"})
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "run" / "guidance-ddim.json").read_text())
+    assert [r["scale"] for r in result["sweep"]] == [0.0, 2.0] and len(result["classifier_accuracy"]) == 10
+    assert (tmp_path / "run" / "sweep-ddim-scale2.png").is_file()
+    assert "classifier guidance (ddim, 2 steps, 3 samples per scale)" in out.stdout
 
 
 def test_config_checks(tmp_path):
