@@ -564,23 +564,24 @@ def sweep_main(argv: Sequence[str]) -> int:
 
 def plot_guidance(runs: Mapping[str, Mapping[str, Any]], out_prefix: str | Path, *, fidelity: str = "digits_accuracy",
                   quality: str = "digits_fd") -> list[Path]:
-    """PNG charts of finished evaluations (``guidance-*.json`` contents by name): fidelity against quality (the
-    trade-off, one point per scale, in scale order), each against the scale, and the noisy classifiers' held-out
-    accuracy against ``t``. Written as ``{out_prefix}-tradeoff.png``, ``-vs-scale.png``, ``-classifier.png``."""
+    """PNG charts of finished evaluations (``guidance-*.json`` contents by name): the two sides of the trade-off
+    against the guidance scale, ``{out_prefix}-fidelity.png`` (``fidelity``) and ``-quality.png`` (``quality``), and
+    the noisy classifiers' held-out accuracy against ``t``, ``-classifier.png`` (:func:`recipes.plot.line_chart`)."""
     prefix = str(out_prefix)
     sweeps = {name: r["sweep"] for name, r in runs.items() if r["sweep"]}
     paths = []
-    if sweeps:
-        paths.append(line_chart({n: ([r[quality] for r in rows], [r[fidelity] for r in rows]) for n, rows in
-                                 sweeps.items()}, f"{prefix}-tradeoff.png", logx=False, xlabel=quality,
-                                ylabel=fidelity, title=f"classifier guidance: {fidelity} against {quality}, "
-                                                       "scale rising along each line"))
-        both = {f"{n}: {key}": ([r["scale"] for r in rows], [r[key] for r in rows])
-                for n, rows in sweeps.items() for key in (fidelity, quality)}
-        paths.append(line_chart(both, f"{prefix}-vs-scale.png", logx=False, xlabel="guidance scale s",
-                                ylabel="value", title=f"{fidelity} and {quality} against the guidance scale"))
-    paths.append(line_chart({n: ([(a["t_first"] + a["t_last"]) / 2 for a in r["classifier_accuracy"]],
-                                 [a["accuracy"] for a in r["classifier_accuracy"]]) for n, r in runs.items()},
+    for key, suffix in ((fidelity, "fidelity"), (quality, "quality")):
+        if sweeps:
+            paths.append(line_chart({n: ([r["scale"] for r in rows], [r[key] for r in rows])
+                                     for n, rows in sweeps.items()}, f"{prefix}-{suffix}.png", logx=False,
+                                    xlabel="classifier guidance scale s", ylabel=key,
+                                    title=f"classifier guidance: {key} against the scale"))
+    distinct: dict[str, list[dict[str, float]]] = {}
+    for name, r in runs.items():  # the sweeps of one run share its classifier: one line per classifier
+        if r["classifier_accuracy"] not in distinct.values():
+            distinct[name] = r["classifier_accuracy"]
+    paths.append(line_chart({n: ([(a["t_first"] + a["t_last"]) / 2 for a in acc], [a["accuracy"] for a in acc])
+                             for n, acc in distinct.items()},
                             f"{prefix}-classifier.png", logx=False, xlabel="timestep t (0 clean, T-1 noise)",
                             ylabel="held-out accuracy", title="noisy classifier: accuracy against the noise level"))
     return paths

@@ -237,7 +237,7 @@ def test_plots_from_a_finished_evaluation(tmp_path):
     acc = [{"t_first": 0, "t_last": 9, "accuracy": 0.9}, {"t_first": 10, "t_last": 19, "accuracy": 0.2}]
     run = {"sweep": rows, "classifier_accuracy": acc}
     paths = adm.plot_guidance({"a": run, "b": {**run, "sweep": rows[::-1]}}, tmp_path / "adm")
-    assert [p.name for p in paths] == ["adm-tradeoff.png", "adm-vs-scale.png", "adm-classifier.png"]
+    assert [p.name for p in paths] == ["adm-fidelity.png", "adm-quality.png", "adm-classifier.png"]
     for path in paths:
         with Image.open(path) as img:
             assert img.mode == "RGB" and len(img.getcolors(maxcolors=1 << 16)) > 3
