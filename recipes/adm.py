@@ -22,7 +22,7 @@ diversity); for other data, FID.
     python -m recipes.adm --preset imagenet128      # the paper's setting (data packed by the user)
 
 References:
-    [ADM] Dhariwal, Nichol 2021, Sec. 4, Algorithms 1-2, App. C (classifier), Tables 4, 5 and 9-11.
+    [ADM] Dhariwal, Nichol 2021, Sec. 4 (Algorithms 1 and 2), App. C (the classifier).
     [iDDPM] Nichol, Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models", Sec. 3-4.
 """
 
@@ -133,17 +133,17 @@ PRESETS: dict[str, ADMConfig] = {
     # Fashion-MNIST padded to 32x32, one GPU. Pack the data first (README).
     "fashion": ADMConfig(out_dir="runs/adm-fashion", **_FASHION),
     "fashion-uncond": ADMConfig(out_dir="runs/adm-fashion-uncond", conditional=False, **_FASHION),
-    # ADM-G ImageNet 64 (published FID 2.07 at scale 1.0): cosine schedule.
+    # ImageNet 64: cosine schedule, 64x64 batch and learning rate (no published number is claimed here).
     "imagenet64": ADMConfig(out_dir="runs/adm-imagenet64", data="data/imagenet64-train.h5",
                             eval_data="data/imagenet64-val.h5", image_size=64, net="adm_imagenet64",
                             classifier_net="adm_classifier_imagenet64", schedule="cosine", steps=540000,
                             **{**_IMAGENET, "batch_size": 2048, "lr": 3e-4}),
-    # ADM-G ImageNet 128 (published FID 2.97 at scale 0.5, 250 steps): linear schedule.
+    # ADM-G ImageNet 128 (published FID 2.97, 250 steps; scale 0.5 in the released sampling flags): linear.
     "imagenet128": ADMConfig(out_dir="runs/adm-imagenet128", data="data/imagenet128-train.h5",
                              eval_data="data/imagenet128-val.h5", image_size=128, net="adm_imagenet128",
                              classifier_net="adm_classifier_imagenet128", schedule="linear", steps=4360000,
                              classifier_scale=0.5, **_IMAGENET),
-    # ADM-G ImageNet 256 (published FID 4.59 at scale 1.0, 250 steps): linear schedule.
+    # ADM-G ImageNet 256 (published FID 4.59, 250 steps; scale 1.0 in the released sampling flags): linear.
     "imagenet256": ADMConfig(out_dir="runs/adm-imagenet256", data="data/imagenet256-train.h5",
                              eval_data="data/imagenet256-val.h5", image_size=256, net="adm_imagenet256",
                              classifier_net="adm_classifier_imagenet256", schedule="linear", steps=1980000,
