@@ -115,7 +115,7 @@ _DIGITS = dict(steps=1000, batch_size=128, lr=1e-3, warmup_steps=100, ema_halfli
 _FASHION = dict(data="data/fashion-train.h5", eval_data="data/fashion-test.h5", image_size=32, net="unet_fashion",
                 steps=30000, batch_size=256, lr=3e-4, warmup_steps=1000, ema_halflife_kimg=500.0, log_every=200,
                 sample_every=5000, checkpoint_every=5000, num_workers=4, sample_steps=100, eval_samples=0,
-                classifier_channels=64, sweep_samples=10000)
+                classifier_net="adm_classifier_imagenet64", classifier_channels=64, sweep_samples=10000)
 # The paper's ImageNet settings [ADM Sec. 4, App. C and its hyper-parameter tables]: T = 1000, learned variance,
 # EMA 0.9999, batch 256 and lr 1e-4 (64x64: batch 2048, lr 3e-4), 250 sampling steps; the classifier with
 # AdamW, lr 3e-4, weight decay 0.05. Pack folders of images already resized to the preset's size, one

@@ -211,6 +211,18 @@ def test_config_checks(tmp_path):
     assert dataclasses.replace(tiny_config(tmp_path), conditional=False).conditional is False
 
 
+@pytest.mark.parametrize("preset", sorted(adm.PRESETS))
+def test_every_preset_builds_its_networks(preset):
+    config = adm.PRESETS[preset]
+    size, channels = config.image_size, 1 if config.image_size <= 32 else 3
+    info = DataInfo((channels, size, size), None if not config.conditional else 10, size)
+    if not config.conditional:
+        config = dataclasses.replace(config, data="digits")  # the classifier's classes come from labelled data
+    with torch.device("meta"):
+        model, classifier = adm.build_model(config, info), adm.build_classifier(config, info)
+    assert model.cfg.learn_variance and classifier.cfg.num_classes == 10
+
+
 def test_sampler_name_checked(tmp_path):
     config = tiny_config(tmp_path)
     model, classifier = tiny_networks(config)
