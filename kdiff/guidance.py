@@ -12,6 +12,15 @@ Conventions:
   ``D = x + sigma^2 grad log p(x)``. ``scale`` is ADM's ``s``: it equals :func:`guided_eps`
   with the same ``s`` on a VP model. With the exact class posterior, ``scale = 1`` is the exact
   class-conditional denoiser.
+- ``sigma`` is always EDM's noise level (``x = y + sigma n``). ADM's VP quantities keep VP names:
+  the latent ``z = alpha x`` with ``alpha = 1 / sqrt(1 + sigma^2)``, its noise std
+  ``sigma_vp = sqrt(1 - alpha_bar) = sigma / sqrt(1 + sigma^2)``, and ``grad_z = grad_x / alpha``.
+- A noisy classifier ``(z, noise_cond) -> logits`` becomes the EDM-space ``log_prob(x, sigma, y)``
+  through :func:`noisy_classifier_log_prob`, so guiding any kdiff denoiser reads::
+
+      log_prob = noisy_classifier_log_prob(classifier, alphas_bar=alphas_bar)  # trained on table indices
+      guided = classifier_guidance(denoise, log_prob, y=labels, scale=2.0)
+      images = solvers.sample(guided, noise, sigmas)
 
 References:
     [CFG] Ho, Salimans 2022, "Classifier-Free Diffusion Guidance", Eq. 6.
@@ -26,10 +35,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._util import Scalar, check_float, check_same_shape, coef_dtype, per_sample
-from .denoisers import Denoise
+from ._util import Scalar, _checking, check_float, check_range, check_same_shape, coef_dtype, per_sample
+from .denoisers import Denoise, timestep_from_sigma
+from .schedules import alpha_sigma, logsnr_from_sigma
 
-__all__ = ["cfg", "cfg_batched", "classifier_guidance", "grad_log_prob", "guided_mean", "guided_eps"]
+__all__ = ["cfg", "cfg_batched", "classifier_guidance", "label_log_prob", "noisy_classifier_log_prob",
+           "grad_log_prob", "guided_mean", "guided_eps", "LogProb"]
+
+LogProb = Callable[..., Tensor]
+"""``log_prob(x, sigma, y) -> (B,)``, or ``log_prob(x, sigma)`` with the labels bound in."""
 
 
 def _check_scale(scale: float) -> float:
@@ -100,72 +114,183 @@ def _grad_x(fn: Callable[[Tensor], Tensor], x: Tensor, name: str) -> Tensor:
     return grad
 
 
-def grad_log_prob(classifier: Callable[[Tensor, Scalar], Tensor], x: Tensor, sigma: Scalar, y: Tensor) -> Tensor:
-    """``grad_x log p(y | x, sigma) = grad_x log_softmax(classifier(x, sigma))[y]`` by autograd.
+def _labels(y: Tensor | int, batch: int) -> Tensor:
+    """``y`` as int64 ``(B,)``: a Python int (one class for the batch) or an integer ``[]`` or ``(B,)`` tensor."""
+    if isinstance(y, bool) or not isinstance(y, (int, Tensor)):
+        raise TypeError(f"y: expected class indices as an int or an integer tensor of shape ({batch},), "
+                        f"got {type(y).__name__}")
+    if isinstance(y, int):
+        return torch.full((batch,), y, dtype=torch.int64)
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"y: expected an integer tensor of class indices, got dtype {y.dtype}")
+    if y.ndim == 0:
+        return y.to(torch.int64).expand(batch)
+    if y.shape != (batch,):
+        raise ValueError(f"y: expected an integer tensor of shape ({batch},), got {tuple(y.shape)}")
+    return y.to(torch.int64)
 
-    ``classifier(x, sigma) -> logits (B, K)``; ``x: (B, ...)``; ``y: (B,)`` int64 class indices.
-    Returns the gradient shaped like ``x`` [ADM Sec. 4.1].
+
+def label_log_prob(logits: Tensor, y: Tensor | int) -> Tensor:
+    """``log p(y | .) = log_softmax(logits)[y]`` per sample, computed in float32 at least.
+
+    ``logits: (B, K)``; ``y``: an int or an integer ``(B,)`` tensor with values in ``[0, K)``
+    (else TypeError / ValueError naming ``y``). Returns ``(B,)``.
     """
-    check_float(x, "x")
-    if not isinstance(y, Tensor) or y.is_floating_point() or y.shape != (x.shape[0],):
-        raise ValueError(f"y: expected an integer tensor of shape ({x.shape[0]},), got "
-                         f"{tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__}")
-
-    def log_prob(xg: Tensor) -> Tensor:
-        logits = classifier(xg, sigma)
-        if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
-            raise ValueError(f"classifier: expected logits of shape ({x.shape[0]}, K), got {tuple(logits.shape)}")
-        return torch.log_softmax(logits, dim=-1).gather(1, y.to(logits.device)[:, None])[:, 0]
-
-    return _grad_x(log_prob, x, "classifier")
+    check_float(logits, "logits")
+    if logits.ndim != 2:
+        raise ValueError(f"logits: expected shape (B, K), got {tuple(logits.shape)}")
+    labels = _labels(y, logits.shape[0]).to(logits.device)
+    k = logits.shape[1]
+    if _checking() and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
+        raise ValueError(f"y: expected class indices in [0, {k - 1}] (the classifier has K={k} classes), "
+                         f"got values in [{int(labels.min())}, {int(labels.max())}]")
+    lp = torch.log_softmax(logits.to(coef_dtype(logits)), dim=-1)
+    return lp.gather(1, labels[:, None])[:, 0]
 
 
-def classifier_guidance(denoise: Denoise, log_prob: Callable[[Tensor, Scalar], Tensor], *, scale: float) -> Denoise:
+def noisy_classifier_log_prob(classifier: Callable[[Tensor, Tensor], Tensor], *, alphas_bar: Tensor | None = None,
+                              nearest: bool = False,
+                              noise_cond: Callable[[Tensor], Tensor] | None = None) -> LogProb:
+    """``log p(y | x, sigma) = log_softmax(classifier(z, c))[y]`` with ``z = x / sqrt(1 + sigma^2)`` [ADM Sec. 4.1].
+
+    Turns a classifier trained on VP latents ``z_t = alpha_t x_0 + sigma_t eps`` into the EDM-space
+    ``log_prob(x, sigma, y)`` that :func:`classifier_guidance` takes. ``c`` is the noise
+    conditioning the classifier was trained with, from ``logsnr = -2 log sigma``:
+
+    - default: ``c = logsnr``;
+    - ``alphas_bar`` (a discrete ``(T,)`` table): ``c = t``, the table index of
+      :func:`kdiff.denoisers.timestep_from_sigma` (a float, or the nearest int64 with ``nearest=True``);
+    - ``noise_cond``: ``c = noise_cond(logsnr)``, any map ``(B,) -> (B,)`` (e.g. a continuous ``t``).
+
+    The returned function takes ``x: (B, ...)`` float, ``sigma > 0`` (float, ``[]`` or ``[B]``), and
+    ``y`` (an int or an integer ``(B,)`` tensor in ``[0, K)``) and returns ``(B,)``; its gradient in
+    ``x`` flows through ``z``, so ``grad_x = alpha grad_z``. ``c`` is float32, or float64 for float64 ``x``.
+    """
+    if alphas_bar is not None and noise_cond is not None:
+        raise ValueError("noise_cond: expected either alphas_bar or noise_cond, got both")
+    if alphas_bar is not None:
+        check_float(alphas_bar, "alphas_bar")
+    if noise_cond is not None and not callable(noise_cond):
+        raise TypeError(f"noise_cond: expected a callable logsnr -> conditioning, got {type(noise_cond).__name__}")
+
+    def log_prob(x: Tensor, sigma: Scalar, y: Tensor | int) -> Tensor:
+        check_float(x, "x")
+        s = per_sample(sigma, "sigma", x)
+        check_range(s, "sigma", low=0.0, low_open=True)
+        s_b = s.reshape(-1).expand(x.shape[0])
+        logsnr = logsnr_from_sigma(s_b)
+        alpha = per_sample(alpha_sigma(logsnr)[0], "alpha", x)
+        z = (alpha * x.to(alpha.dtype)).to(x.dtype)
+        if alphas_bar is not None:
+            c = timestep_from_sigma(s_b, alphas_bar, nearest=nearest)
+        elif noise_cond is not None:
+            c = noise_cond(logsnr)
+        else:
+            c = logsnr
+        if isinstance(c, Tensor) and c.is_floating_point():
+            c = c.to(coef_dtype(x))
+        logits = classifier(z, c)
+        if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+            got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(f"classifier: expected logits of shape ({x.shape[0]}, K), got {got}")
+        return label_log_prob(logits, y)
+
+    return log_prob
+
+
+def grad_log_prob(classifier: Callable[[Tensor, Scalar], Tensor], z: Tensor, noise_cond: Scalar,
+                  y: Tensor | int) -> Tensor:
+    """``grad_z log p(y | z) = grad_z log_softmax(classifier(z, noise_cond))[y]`` by autograd [ADM Sec. 4.1].
+
+    The gradient in the classifier's own input: ``z: (B, ...)`` and ``noise_cond`` (anything the
+    classifier takes, e.g. the VP latent ``z_t`` and its timestep ``t`` for ADM's Algorithms 1 and 2).
+    ``classifier(z, noise_cond) -> logits (B, K)``; ``y``: an int or an integer ``(B,)`` tensor in
+    ``[0, K)``. Returns the gradient shaped like ``z``, also inside ``torch.no_grad``.
+    """
+    check_float(z, "z")
+    labels = _labels(y, z.shape[0])
+
+    def log_prob(zg: Tensor) -> Tensor:
+        logits = classifier(zg, noise_cond)
+        if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != z.shape[0]:
+            got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(f"classifier: expected logits of shape ({z.shape[0]}, K), got {got}")
+        return label_log_prob(logits, labels)
+
+    return _grad_x(log_prob, z, "classifier")
+
+
+def classifier_guidance(denoise: Denoise, log_prob: LogProb, *, scale: float, y: Tensor | int | None = None) -> Denoise:
     """``D'(x, sigma) = D(x, sigma) + scale sigma^2 grad_x log p(y | x, sigma)`` [ADM Sec. 4, in EDM space].
 
-    ``log_prob(x, sigma) -> (B,)`` is ``log p(y | x, sigma)`` with the requested labels bound in
-    (for a classifier: ``log_softmax(logits)[y]``); its gradient comes from autograd.
+    ``log_prob(x, sigma, y) -> (B,)`` is ``log p(y | x, sigma)`` (:func:`noisy_classifier_log_prob`
+    builds it from a noisy classifier); with ``y=None`` it is called as ``log_prob(x, sigma)``, the
+    labels bound in. Its gradient comes from autograd. A denoiser returning ``(denoised, frac)``
+    (a learned variance, ``denoisers.vp_denoiser``) gives ``(guided, frac)``.
     """
     scale = _check_scale(scale)
+    if y is not None:  # type and dtype now; the batch is checked at each call
+        _labels(y, y.shape[0] if isinstance(y, Tensor) and y.ndim == 1 else 1)
 
-    def guided(x: Tensor, sigma: Scalar) -> Tensor:
+    def guided(x: Tensor, sigma: Scalar) -> Tensor | tuple[Tensor, Tensor]:
         check_float(x, "x")
-        denoised = denoise(x, sigma)
+        out = denoise(x, sigma)
+        denoised, frac = out if isinstance(out, tuple) else (out, None)
+        if scale == 0.0:
+            return out
         s = per_sample(sigma, "sigma", x)
-        grad = _grad_x(lambda xg: log_prob(xg, sigma), x, "log_prob")
-        return (denoised.to(s.dtype) + scale * s**2 * grad.to(s.dtype)).to(x.dtype)
+        fn = (lambda xg: log_prob(xg, sigma)) if y is None else (lambda xg: log_prob(xg, sigma, y))
+        grad = _grad_x(fn, x, "log_prob")
+        result = (denoised.to(s.dtype) + scale * s**2 * grad.to(s.dtype)).to(x.dtype)
+        return result if frac is None else (result, frac)
 
     return guided
+
+
+def _variance(var: Scalar, like: Tensor) -> Tensor:
+    """A step variance as a coefficient broadcastable to ``like``: a float, ``[]``, ``[B]``, or a tensor
+    of ``like``'s rank whose dims are 1 or match (``(B, 1, ..., 1)`` from ``process.posterior``, or
+    per element); ValueError if negative or NaN."""
+    if isinstance(var, Tensor) and var.ndim == like.ndim and var.ndim > 1:
+        check_float(var, "var")
+        if any(a not in (1, b) for a, b in zip(var.shape, like.shape)):
+            raise ValueError(f"var: expected a shape broadcastable to {tuple(like.shape)} (the shape of mean), "
+                             f"got {tuple(var.shape)}")
+        v = var.to(device=like.device, dtype=coef_dtype(var, like))
+    else:
+        v = per_sample(var, "var", like)
+    check_range(v, "var", low=0.0)
+    return v
 
 
 def guided_mean(mean: Tensor, var: Scalar, grad: Tensor, *, scale: float) -> Tensor:
     """``mean + scale var grad`` [ADM Alg. 1]: the reverse step's mean shifted along ``grad log p(y | z_t)``.
 
-    ``mean, grad: (B, ...)``; ``var``: the step's variance, a float, ``[]``, ``[B]`` or a tensor
-    shaped like ``mean`` (a learned per-element variance).
+    All three in one frame: ADM's is VP, ``mean`` of ``z_{t-1}``, ``var`` its variance, and
+    ``grad = grad_{z_t} log p(y | z_t)`` (:func:`grad_log_prob`). ``mean, grad: (B, ...)``;
+    ``var >= 0``: a float, ``[]``, ``[B]``, the ``(B, 1, ..., 1)`` variance of ``process.posterior``,
+    or a tensor shaped like ``mean`` (a learned per-element variance).
     """
     scale = _check_scale(scale)
     check_float(mean, "mean")
     check_float(grad, "grad")
     check_same_shape(mean, grad, "mean", "grad")
-    if isinstance(var, Tensor) and var.ndim == mean.ndim and var.ndim > 1:
-        check_float(var, "var")
-        check_same_shape(mean, var, "mean", "var")
-        v = var.to(coef_dtype(var, mean))
-    else:
-        v = per_sample(var, "var", mean)
+    v = _variance(var, mean)
     return (mean.to(v.dtype) + scale * v * grad.to(v.dtype)).to(mean.dtype)
 
 
-def guided_eps(eps: Tensor, sigma: Scalar, grad: Tensor, *, scale: float) -> Tensor:
-    """``eps - scale sqrt(1 - alpha_bar) grad`` [ADM Alg. 2]; ``sigma = sqrt(1 - alpha_bar)`` is the VP std.
+def guided_eps(eps: Tensor, sigma_vp: Scalar, grad: Tensor, *, scale: float) -> Tensor:
+    """``eps - scale sigma_vp grad`` with ``sigma_vp = sqrt(1 - alpha_bar_t)`` [ADM Alg. 2].
 
-    ``eps, grad: (B, ...)`` with ``grad = grad_z log p(y | z_t)``; ``sigma``: float, ``[]`` or ``[B]``
-    (the VP noise std, not the EDM sigma).
+    VP frame: ``eps: (B, ...)`` the model's noise prediction at ``z_t``, ``grad = grad_{z_t} log p(y | z_t)``
+    (:func:`grad_log_prob`), ``sigma_vp`` the VP noise std in ``[0, 1]`` (float, ``[]`` or ``[B]``;
+    from EDM's sigma: ``sigma / sqrt(1 + sigma^2)``). The same update in EDM's frame is
+    ``eps - scale sigma grad_x``, since ``grad_x = alpha grad_z`` and ``sigma = sigma_vp / alpha``.
     """
     scale = _check_scale(scale)
     check_float(eps, "eps")
     check_float(grad, "grad")
     check_same_shape(eps, grad, "eps", "grad")
-    s = per_sample(sigma, "sigma", eps)
+    s = per_sample(sigma_vp, "sigma_vp", eps)
+    check_range(s, "sigma_vp", low=0.0, high=1.0)
     return (eps.to(s.dtype) - scale * s * grad.to(s.dtype)).to(eps.dtype)
