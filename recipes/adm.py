@@ -53,6 +53,7 @@ from . import ddpm
 from .distributed import Rand
 from .grids import write_grid
 from .image import DataInfo, Denoise, ImageConfig, ImageRecipe, initial_noise, load_for_sampling, resolve_data
+from .image import main as image_main
 from .loop import LossFn, Trainable
 from .optim import adamw, lr_at
 from .plot import line_chart
@@ -606,22 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return sweep_main(argv[1:])
     if argv[:1] == ["plot"]:
         return plot_main(argv[1:])
-    from .checkpoints import RunDirectoryLockedError
-    from .distributed import close_distributed, init_distributed
-    from .loop import NonFiniteError
-
-    dist = None
-    try:
-        cli = RECIPE.parse(argv)
-        dist = init_distributed(cli.config.device)
-        run(cli.config, resume=cli.resume, dist=dist)
-    except (ValueError, FileNotFoundError, NonFiniteError, RunDirectoryLockedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist is not None:
-            close_distributed(dist)
-    return 0
+    return image_main(RECIPE, argv, run_fn=run)
 
 
 if __name__ == "__main__":

@@ -450,13 +450,16 @@ def run(recipe: ImageRecipe, config: Any, *, resume: Path | None = None, dist: D
     return scores
 
 
-def main(recipe: ImageRecipe, argv: Sequence[str] | None = None) -> int:
-    """``python -m recipes.NAME [flags]``: bad input ends as one ``error: ...`` line on stderr and exit code 2."""
+def main(recipe: ImageRecipe, argv: Sequence[str] | None = None, *,
+         run_fn: Callable[..., dict[str, Any]] | None = None) -> int:
+    """``python -m recipes.NAME [flags]``: bad input ends as one ``error: ...`` line on stderr and exit code 2.
+
+    ``run_fn(config, resume=, dist=)`` replaces ``recipe.run`` for recipes with a run of their own."""
     dist = None
     try:
         cli = recipe.parse(argv)
         dist = init_distributed(cli.config.device)
-        recipe.run(cli.config, resume=cli.resume, dist=dist)
+        (run_fn or recipe.run)(cli.config, resume=cli.resume, dist=dist)
     except (ValueError, FileNotFoundError, NonFiniteError, RunDirectoryLockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -41,8 +41,8 @@ from kdiff import data, losses, metrics, nets, param, schedules
 from kdiff.denoisers import vp_denoiser
 from kdiff.guidance import cfg_batched
 
-from .checkpoints import RunDirectoryLockedError, RunLock, seed_globals
-from .distributed import Dist, Rand, close_distributed, init_distributed
+from .checkpoints import RunLock, seed_globals
+from .distributed import Dist, Rand, init_distributed
 from .grids import write_grid
 from .image import (
     DIGITS_FILES,
@@ -59,7 +59,7 @@ from .image import (
     sample_images,
     write_samples,
 )
-from .loop import LossFn, NonFiniteError, train
+from .loop import LossFn, train
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -276,13 +276,10 @@ def denoiser(model: nn.Module, config: SimpleConfig, labels: Tensor | None,
 
 @dataclasses.dataclass(frozen=True)
 class SimpleRecipe(ImageRecipe):
-    """The image recipe whose ``run`` and ``main`` are this module's (enlarged data, reduced scoring)."""
+    """The image recipe whose ``run`` is this module's (enlarged data, reduced scoring)."""
 
     def run(self, config: Any, *, resume: Path | None = None, dist: Dist | None = None) -> dict[str, float]:
         return run(config, resume=resume, dist=dist)
-
-    def main(self, argv: Sequence[str] | None = None) -> int:
-        return main(argv)
 
 
 RECIPE = SimpleRecipe(name="simple", config=SimpleConfig, presets=PRESETS, default_preset="digits32",
@@ -379,18 +376,7 @@ def run(config: SimpleConfig, *, resume: Path | None = None, dist: Dist | None =
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m recipes.simple [flags]``: bad input ends as one ``error: ...`` line and exit code 2."""
-    dist = None
-    try:
-        cli = RECIPE.parse(argv)
-        dist = init_distributed(cli.config.device)
-        run(cli.config, resume=cli.resume, dist=dist)
-    except (ValueError, FileNotFoundError, NonFiniteError, RunDirectoryLockedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist is not None:
-            close_distributed(dist)
-    return 0
+    return RECIPE.main(argv)
 
 
 if __name__ == "__main__":
