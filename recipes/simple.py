@@ -50,6 +50,7 @@ from .image import (
     Denoise,
     ImageConfig,
     ImageRecipe,
+    build_net,
     check_sampling,
     crop_to,
     data_info,
@@ -174,14 +175,9 @@ def reduce(x: Tensor, factor: int) -> Tensor:
 
 
 def build_model(config: SimpleConfig, info: DataInfo) -> nn.Module:
-    """The network ``v_hat(z, logsnr, labels)`` of ``config.net`` at the model's (enlarged) resolution."""
-    overrides: dict[str, object] = {"image_size": info.shape[1], "in_channels": info.shape[0],
-                                    "num_classes": info.num_classes}
-    if config.net_channels is not None:
-        overrides["channels"] = config.net_channels
-    if config.dropout is not None:
-        overrides["dropout"] = config.dropout
-    return nets.build(config.net, **overrides)
+    """The network ``v_hat(z, logsnr, labels)`` of ``config.net`` at the model's (enlarged) resolution: ``info`` is
+    the enlarged view (:func:`enlarged_info`)."""
+    return build_net(config, info)
 
 
 def enlarged_info(config: SimpleConfig, info: DataInfo) -> DataInfo:
