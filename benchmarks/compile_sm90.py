@@ -63,9 +63,10 @@ def compile_sm90(fn: triton.JITFunction, signature: dict[str, str], constexprs: 
 
 def multiscale_rows() -> Iterator[tuple[str, dict[str, int]]]:
     ms = importlib.import_module("kdiff.kernels.multiscale")
-    for dt, size, width in (("bf16", 2, 256), ("bf16", 2, 512), ("fp32", 4, 256), ("fp32", 4, 512)):
+    for dt, size, width in (("bf16", 2, 64), ("bf16", 2, 256), ("bf16", 2, 512), ("fp32", 4, 256), ("fp32", 4, 512)):
         levels = ms.multiscale_levels(width, width)
-        v, a = ms._launch_shape(width, levels, size, ms._NUM_WARPS)
+        warps = ms._num_warps(levels, size)
+        v, a = ms._launch_shape(width, levels, size, warps)
         ints = ["n_units", "C", "H", "W", "n_chunks"] + [f"s_{x}{y}" for x in "ptg" for y in "bch"]
         sig = {"pred_ptr": f"*{dt}", "target_ptr": f"*{dt}", "grad_ptr": f"*{dt}", "partial_ptr": "*fp32",
                "gamma_ptr": "*fp32"}
@@ -77,8 +78,8 @@ def multiscale_rows() -> Iterator[tuple[str, dict[str, int]]]:
                  "WRITE_GRAD": True, "ACC": tl.float32}
         divisible = ["pred_ptr", "target_ptr", "grad_ptr", "partial_ptr", "gamma_ptr", "H", "W"] + [
             f"s_{x}{y}" for x in "ptg" for y in "bch"]
-        stats = compile_sm90(ms._multiscale_mse_kernel, sig, const, divisible, num_warps=ms._NUM_WARPS)
-        yield f"multiscale {dt} d={width} levels={levels} V={v} A={a}", stats
+        stats = compile_sm90(ms._multiscale_mse_kernel, sig, const, divisible, num_warps=warps)
+        yield f"multiscale {dt} d={width} levels={levels} V={v} A={a} warps={warps}", stats
 
 
 def attention_rows() -> Iterator[tuple[str, dict[str, int]]]:
@@ -115,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = itertools.chain(multiscale_rows() if args.op in ("multiscale", "all") else (),
                            attention_rows() if args.op in ("attention", "all") else ())
     keys = ["regs", "spill_bytes", "shared", "bar", "shfl", "ld", "ld_vec", "st", "st_vec"]
+    print(f"Triton {triton.__version__}, target sm_90a\n")
     print("| kernel | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))
     for label, stats in rows:

@@ -270,7 +270,21 @@ def _launch_shape(width: int, levels: int, itemsize: int, num_warps: int) -> tup
     return v, max(1, 32 * vec * num_warps // v)
 
 
-_NUM_WARPS = 1 if _INTERPRET else 4  # the interpreter runs one program per unit set; small A keeps tests quick
+def _num_warps(levels: int, itemsize: int) -> int:
+    """Warps per program: one, unless a unit's K rows of a 16-byte vector overflow a thread's registers (then 4,
+    and Triton spreads the rows over the warps).
+
+    One warp because of how Triton picks the layout of the (K, A, V) tile: lanes go to V, then warps to the next
+    axis in its order, and the K and A axes tie (neither has unit stride). Triton 3.9 breaks the tie towards A
+    (warps own units: vertical sums stay in registers), Triton 3.6 towards K, which splits each vector's rows over
+    warps: offline sm_90 compiles of the 4-warp kernel at bf16 (32, 3, 256) gave 13 barriers, 192 shuffles and
+    16 KiB of shared memory under Triton 3.6 against 1 barrier and 20 shuffles under 3.9. With one warp there is
+    no warp axis to misplace: 0 barriers, no shared memory and the same 20 shuffles under both
+    (``python -m benchmarks.compile_sm90 --op multiscale``). One-warp programs are not short of memory
+    parallelism: each thread has K 16-byte loads per input in flight.
+    """
+    k = 2 ** (levels - 1)
+    return 4 if k * (16 // itemsize) > _MAX_REGS_ROWS else 1
 
 
 @functools.lru_cache(maxsize=64)
@@ -291,7 +305,8 @@ def _multiscale_mse_triton(pred: Tensor, target: Tensor, gammas: Sequence[float]
     k = 2 ** (levels - 1)
     if k * 16 // pred.element_size() > 4 * _MAX_REGS_ROWS:  # 16-bit: cells of 128 x 128 and more; too many registers
         return _multiscale_mse_torch(pred, target, gammas, write_grad)
-    v, a = _launch_shape(width, levels, pred.element_size(), _NUM_WARPS)
+    num_warps = 1 if _INTERPRET else _num_warps(levels, pred.element_size())  # interpreter: one program per unit set
+    v, a = _launch_shape(width, levels, pred.element_size(), num_warps)
     n_chunks = triton.cdiv(width, v)
     n_units = n_b * n_c * (height // k) * n_chunks
     acc = _acc_dtype(pred.dtype)
@@ -302,7 +317,7 @@ def _multiscale_mse_triton(pred: Tensor, target: Tensor, gammas: Sequence[float]
         n_units, n_c, height, width, n_chunks, *pred.stride(), *target.stride(),
         *(grad.stride() if write_grad else (0, 0, 0, 0)),
         LEVELS=levels, K=k, V=v, A=a, WRITE_GRAD=write_grad,
-        ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=_NUM_WARPS,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=num_warps,
     )
     return partial.view(n_b, -1).sum(dim=1), grad
 
