@@ -2,13 +2,16 @@
 
     python -m benchmarks.report [--op multiscale|attention|all] [--quick] [--device cuda|cpu]
     python -m benchmarks.report --op train [--nets unet_fashion,ddpm_cifar10] [--variants V1,V2,...] [--quick]
+    python -m benchmarks.report --op profile [--nets unet_fashion] [--variants V1,...] [--quick]
 
 ``--op all`` (the default) prints the kernel tables (multiscale, attention). ``--op train`` prints the
 training-step table of ``benchmarks/report_train.py``: images/s and the fraction of the measured matmul
 peak for ``unet_fashion`` (batch 256 on a GPU) and ``ddpm_cifar10`` (batch 128); ``--variants`` takes
 ``eager`` or ``+``-joined options from ``bf16``, ``cl`` (channels_last), ``fused`` (fused AdamW),
 ``compile`` (torch.compile of the network), default ``eager,bf16,bf16+cl+fused,bf16+cl+fused+compile``
-on a GPU and ``eager,cl+fused`` (toy size) on a CPU. A full GPU run, for example::
+on a GPU and ``eager,cl+fused`` (toy size) on a CPU. ``--op profile`` prints where one training step's
+time goes (``benchmarks/report_profile.py``): GPU busy time against wall time, launches per step, the top
+kernels by device time and host ops by self time. A full GPU run, for example::
 
     python -m benchmarks.report --op all
     python -m benchmarks.report --op train
@@ -39,7 +42,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 OPS = ("multiscale", "attention")  # --op all
-EXTRA_OPS = ("train",)  # only by name: minutes per table on a GPU with compilation
+EXTRA_OPS = ("train", "profile")  # only by name: minutes per table on a GPU with compilation
 
 
 @contextlib.contextmanager
@@ -191,15 +194,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--op", choices=(*OPS, *EXTRA_OPS, "all"), default="all")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run, not for BENCHMARKS.md)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--nets", help="train: comma-separated network configs (default unet_fashion,ddpm_cifar10)")
-    parser.add_argument("--variants", help="train: comma-separated variants, e.g. eager,bf16+cl+fused+compile")
+    parser.add_argument("--nets", help="train, profile: comma-separated network configs (train's default "
+                        "unet_fashion,ddpm_cifar10, profile's unet_fashion)")
+    parser.add_argument("--variants", help="train, profile: comma-separated variants, e.g. eager,bf16+cl+fused+compile")
     args = parser.parse_args(argv)
-    if args.op != "train" and (args.nets or args.variants):
-        parser.error("--nets and --variants go with --op train")
+    if args.op not in ("train", "profile") and (args.nets or args.variants):
+        parser.error("--nets and --variants go with --op train or --op profile")
     device = torch.device(args.device)
     print(header(device))
     options = {}
-    if args.op == "train":
+    if args.op in ("train", "profile"):
         options = {"nets": args.nets.split(",") if args.nets else None,
                    "variants": args.variants.split(",") if args.variants else None}
     for op in OPS if args.op == "all" else (args.op,):

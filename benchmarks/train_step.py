@@ -158,3 +158,65 @@ def measure(net_name: str, device: torch.device, variant: str, *, batch: int | N
     peak_mib = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     dtype = torch.bfloat16 if "bf16" in parse_variant(variant) else torch.float32
     return StepResult(net_name, batch, variant, ms, flops, matmul_peak_tflops(device, dtype), peak_mib)
+
+
+@dataclass(frozen=True)
+class ProfileRow:
+    kind: str  # "gpu": a device kernel, memcpy or memset; "cpu": a host op (self time)
+    name: str
+    calls_per_step: float
+    us_per_step: float
+    share: float  # of the GPU busy time ("gpu") or of the host time of a step ("cpu")
+
+
+@dataclass(frozen=True)
+class StepProfile:
+    net: str
+    batch: int
+    variant: str
+    wall_ms: float  # per step, unprofiled, back to back (as in :func:`measure`)
+    device_busy_ms: float | None  # per step: sum of the device durations of kernels, memcpy and memset (CUDA)
+    launches: float | None  # device kernels, memcpys and memsets per step (CUDA)
+    host_ms: float  # per step: host time of the profiled steps, profiler overhead included
+    rows: tuple[ProfileRow, ...]
+
+
+def profile_step(net_name: str, device: torch.device, variant: str, *, batch: int | None = None, steps: int = 3,
+                 top: int = 12) -> StepProfile:
+    """Where a training step's time goes: the ``top`` device kernels by time (CUDA) and host ops by self time.
+
+    ``torch.profiler`` over ``steps`` steps after 3 warm-up steps. Device rows group kernels by name; the GPU
+    busy time against the wall time of a step says whether the step is bound by the GPU or by the host (launches,
+    Python, autograd), and the kernel rows which work dominates the GPU time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = default_batch(net_name, device) if batch is None else batch
+    step, _ = make_step(net_name, batch, device, variant)
+    wall_ms = mean_ms(step, device, steps=steps, warmup=3)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    begin = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    host_ms = 1e3 * (time.perf_counter() - begin) / steps
+    kernels: dict[str, list[float]] = {}
+    if cuda:
+        for event in prof.events():
+            if event.device_type == torch.autograd.DeviceType.CUDA:
+                entry = kernels.setdefault(event.name, [0, 0.0])
+                entry[0] += 1
+                entry[1] += event.device_time
+    busy_us = sum(t for _, t in kernels.values())
+    rows = [ProfileRow("gpu", name, n / steps, t / steps, t / busy_us if busy_us else 0.0)
+            for name, (n, t) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]]
+    host = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+    host_total = sum(e.self_cpu_time_total for e in host)
+    rows += [ProfileRow("cpu", e.key, e.count / steps, e.self_cpu_time_total / steps,
+                        e.self_cpu_time_total / host_total if host_total else 0.0)
+             for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:top]]
+    return StepProfile(net_name, batch, variant, wall_ms, busy_us / steps / 1e3 if cuda else None,
+                       sum(n for n, _ in kernels.values()) / steps if cuda else None, host_ms, tuple(rows))

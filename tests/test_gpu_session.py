@@ -105,6 +105,30 @@ def test_goal_ratios_from_report_tables():
     assert goals["attention fwd N 4096 D 64: >= 1.1x best SDPA"] == ["0.91x", f"{0.91 / 1.1:.2f}"]
     assert goals["attention fwd N 4096 D 64: >= 400 TFLOP/s"] == ["421", f"{421 / 400:.2f}"]
     assert goals["attention fwd+bwd N 256 D 64: >= 1.0x best SDPA"] == ["0.43x", "0.43"]
+    profiled = ("| (B, C, d) | dtype | provider | ms | GB/s | % of copy BW | speed-up vs torch | peak MiB "
+                "| GPU busy us | wall / busy | kernel us | kernel % of copy |\n" + "|---" * 12 + "|\n") + """\
+| (8, 3, 512) | float32 | triton | 0.10 | 1 | 40% | 9.00x | 12 | 50 | 2.00 | 30 | 88% |
+"""
+    goals = {g[0]: g[1:] for g in stage_train.goal_rows("multiscale", stage_train.parse_tables(profiled))}
+    assert goals["multiscale (8, 3, 512) float32: kernel >= 85% of copy bandwidth"] == ["88%", f"{88 / 85:.2f}"]
+    assert goals["multiscale (8, 3, 512) float32: wall <= 1.3x GPU busy time"] == ["2.00x", "0.65"]
+    assert not any("(8, 3, 512) float32: >= 85%" in g for g in goals)  # the wall figure only when not profiled
+    dispatch = """| pass | B | H | N | D | dtype | triton ms | kdiff-auto ms | sdpa ms | sdpa-flash ms | sdpa-cudnn ms |
+|---|---|---|---|---|---|---|---|---|---|---|
+| fwd+bwd | 64 | 8 | 256 | 64 | bfloat16 | 2.0 | 0.8 | 0.9 | 1.2 | 0.6 |
+| fwd+bwd | 4 | 8 | 1024 | 64 | bfloat16 | 2.0 | 2.0 | 0.9 | 1.2 | 0.6 |
+"""
+    goals = {g[0]: g[1:] for g in stage_train.goal_rows("attention", stage_train.parse_tables(dispatch))}
+    assert goals == {"attention fwd+bwd N 256 D 64: kdiff dispatch >= 1.0x best SDPA": ["0.75x", "0.75"]}
+    train = """| net | batch | variant | ms/step | img/s | GFLOP/step |
+|---|---|---|---|---|---|
+| unet_fashion | 256 | eager | 80.0 | 3200 | 1590 |
+| unet_fashion | 256 | bf16+cl+fused+compile | 20.0 | 12800 | 1590 |
+| ddpm_cifar10 | 128 | eager | 80.0 | 99999 | 1590 |
+"""
+    goals = stage_train.goal_rows("train", stage_train.parse_tables(train))
+    assert goals == [["unet_fashion batch 256: >= 12,800 img/s (4x 3,200), best variant bf16+cl+fused+compile",
+                      "12,800", "1.00"]]
 
 
 @pytest.fixture(scope="module")
