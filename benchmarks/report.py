@@ -170,23 +170,28 @@ def header(device: torch.device) -> str:
             f"measured copy bandwidth: {copy_bandwidth(device):.1f} GB/s")
 
 
-def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def report(op: str, device: torch.device, *, quick: bool, **options: object) -> str:
-    """The markdown section of one op, or a note when its report module does not exist."""
+def report_lines(op: str, device: torch.device, *, quick: bool, **options: object) -> Iterator[str]:
+    """The markdown section of one op, line by line as its rows are measured (a run cut short keeps the rows it
+    printed), or a note when its report module does not exist."""
     module_name = f"benchmarks.report_{op}"
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         if err.name != module_name:
             raise
-        return f"### {op}\n\n_skipped: benchmarks/report_{op}.py does not exist yet._"
+        yield f"### {op}\n\n_skipped: benchmarks/report_{op}.py does not exist yet._"
+        return
     columns, rows = module.rows(device, quick, **options)
-    return f"### {module.TITLE}\n\n{markdown_table(columns, rows)}"
+    yield f"### {module.TITLE}\n"
+    yield "| " + " | ".join(columns) + " |"
+    yield "|" + "|".join("---" for _ in columns) + "|"
+    for row in rows:
+        yield "| " + " | ".join(row) + " |"
+
+
+def report(op: str, device: torch.device, *, quick: bool, **options: object) -> str:
+    """The markdown section of one op (see :func:`report_lines`)."""
+    return "\n".join(report_lines(op, device, quick=quick, **options))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -208,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                    "variants": args.variants.split(",") if args.variants else None}
     for op in OPS if args.op == "all" else (args.op,):
         print()
-        print(report(op, device, quick=args.quick, **options), flush=True)
+        for line in report_lines(op, device, quick=args.quick, **options):
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

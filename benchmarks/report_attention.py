@@ -15,7 +15,7 @@ FLOPs: ``4 B H N^2 D`` forward, 2.5 times that for the backward. On a GPU the ti
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -95,36 +95,39 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}g}"
 
 
-def rows(device: torch.device, quick: bool) -> tuple[list[str], list[list[str]]]:
-    """Column names and one row per (pass, shape): ms per provider, TFLOP/s, kernel speed over the best SDPA."""
+def rows(device: torch.device, quick: bool) -> tuple[list[str], Iterator[list[str]]]:
+    """Column names, and one row per (pass, shape) as it is measured: ms per provider, TFLOP/s, kernel speed over
+    the best SDPA."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     impls = providers(device)
     sdpa_names = [name for name in impls if name.startswith("sdpa")]
     columns = ["pass", "B", "H", "N", "D", "dtype", *[f"{name} ms" for name in impls],
                *(["triton TFLOP/s"] if "triton" in impls else []), "best SDPA TFLOP/s",
                *(["triton / best SDPA"] if "triton" in impls else [])]
-    table = []
-    for backward in (False, True):
-        for shape in shapes(device, quick):
-            b, h, n, d = shape
-            q, k, v, do = make_inputs(shape, device, dtype, backward=backward)
-            skip_reference = device.type == "cuda" and quick and n >= 4096
-            ms = {}
-            for name, fn in impls.items():
-                with forced_backend(backend_env(name)):
-                    ms[name] = None if name == "reference" and skip_reference else try_time_ms(
-                        step(fn, q, k, v, do, backward=backward), device, quick)
-            flops = attention_flops(b, h, n, d, backward=backward)
-            tflops = {name: None if t is None else flops / (t * 1e-3) / 1e12 for name, t in ms.items()}
-            sdpa_best = max((tflops[s] for s in sdpa_names if tflops[s] is not None), default=None)
-            row = ["fwd+bwd" if backward else "fwd", str(b), str(h), str(n), str(d), str(dtype).replace("torch.", ""),
-                   *[_fmt(ms[name]) for name in impls]]
-            if "triton" in impls:
-                row.append(_fmt(tflops["triton"], 4))
-            row.append(_fmt(sdpa_best, 4))
-            if "triton" in impls:
-                ratio = None if tflops["triton"] is None or sdpa_best is None else tflops["triton"] / sdpa_best
-                row.append(_fmt(ratio))
-            table.append(row)
-    return columns, table
+
+    def measured_rows() -> Iterator[list[str]]:
+        for backward in (False, True):
+            for shape in shapes(device, quick):
+                b, h, n, d = shape
+                q, k, v, do = make_inputs(shape, device, dtype, backward=backward)
+                skip_reference = device.type == "cuda" and quick and n >= 4096
+                ms = {}
+                for name, fn in impls.items():
+                    with forced_backend(backend_env(name)):
+                        ms[name] = None if name == "reference" and skip_reference else try_time_ms(
+                            step(fn, q, k, v, do, backward=backward), device, quick)
+                flops = attention_flops(b, h, n, d, backward=backward)
+                tflops = {name: None if t is None else flops / (t * 1e-3) / 1e12 for name, t in ms.items()}
+                sdpa_best = max((tflops[s] for s in sdpa_names if tflops[s] is not None), default=None)
+                row = ["fwd+bwd" if backward else "fwd", str(b), str(h), str(n), str(d),
+                       str(dtype).replace("torch.", ""), *[_fmt(ms[name]) for name in impls]]
+                if "triton" in impls:
+                    row.append(_fmt(tflops["triton"], 4))
+                row.append(_fmt(sdpa_best, 4))
+                if "triton" in impls:
+                    ratio = None if tflops["triton"] is None or sdpa_best is None else tflops["triton"] / sdpa_best
+                    row.append(_fmt(ratio))
+                yield row
+
+    return columns, measured_rows()
 

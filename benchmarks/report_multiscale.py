@@ -13,7 +13,7 @@ kernel's own time and its bandwidth (pred + target read, gradient written) as a 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -107,25 +107,27 @@ def measure(provider: str, pred: torch.Tensor, target: torch.Tensor, *,
         return ms, peak_memory_bytes(step, pred.device), busy
 
 
-def rows(device: torch.device, quick: bool) -> tuple[list[str], list[list[str]]]:
+def rows(device: torch.device, quick: bool) -> tuple[list[str], Iterator[list[str]]]:
+    """Columns, and the rows as each shape and dtype is measured."""
     columns = ["(B, C, d)", "dtype", "provider", "ms", "GB/s", "% of copy BW", "speed-up vs torch", "peak MiB"]
     if device.type == "cuda":
         columns += ["GPU busy us", "wall / busy", "kernel us", "kernel % of copy"]
     roofline = copy_bandwidth(device)
-    out = []
-    for shape in SHAPES:
-        for dtype in DTYPES:
-            pred, target = inputs(shape, dtype, device)
-            measured = {p: measure(p, pred, target, repeats=3 if quick else 50) for p in providers(device)}
-            torch._dynamo.reset()
-            for provider, (ms, peak, busy) in measured.items():
-                gbs = bytes_moved(pred) / (ms * 1e6)
-                row = [str(shape), str(dtype).removeprefix("torch."), provider, f"{ms:.2f}", f"{gbs:.2f}",
-                       f"{100 * gbs / roofline:.0f}%", f"{measured['torch'][0] / ms:.2f}x",
-                       "n/a" if peak is None else f"{peak / 2**20:.0f}"]
-                if device.type == "cuda":
-                    row += ["-"] * 4 if busy is None else [
-                        f"{busy[0]:.1f}", f"{1e3 * ms / busy[0]:.2f}", f"{busy[1]:.1f}",
-                        f"{100 * kernel_bytes(pred) / (busy[1] * 1e3) / roofline:.0f}%"]
-                out.append(row)
-    return columns, out
+
+    def measured_rows() -> Iterator[list[str]]:
+        for shape in SHAPES:
+            for dtype in DTYPES:
+                pred, target = inputs(shape, dtype, device)
+                measured = {p: measure(p, pred, target, repeats=3 if quick else 50) for p in providers(device)}
+                torch._dynamo.reset()
+                for provider, (ms, peak, busy) in measured.items():
+                    gbs = bytes_moved(pred) / (ms * 1e6)
+                    row = [str(shape), str(dtype).removeprefix("torch."), provider, f"{ms:.2f}", f"{gbs:.2f}",
+                           f"{100 * gbs / roofline:.0f}%", f"{measured['torch'][0] / ms:.2f}x",
+                           "n/a" if peak is None else f"{peak / 2**20:.0f}"]
+                    if device.type == "cuda":
+                        row += ["-"] * 4 if busy is None else [
+                            f"{busy[0]:.1f}", f"{1e3 * ms / busy[0]:.2f}", f"{busy[1]:.1f}",
+                            f"{100 * kernel_bytes(pred) / (busy[1] * 1e3) / roofline:.0f}%"]
+                    yield row
+    return columns, measured_rows()

@@ -10,7 +10,7 @@ variant without ``--quick``) on a GPU; the toy size, ``eager``, on a CPU.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -21,7 +21,7 @@ NAME_CHARS = 90
 
 
 def rows(device: torch.device, quick: bool, *, nets: Sequence[str] | None = None,
-         variants: Sequence[str] | None = None) -> tuple[list[str], list[list[str]]]:
+         variants: Sequence[str] | None = None) -> tuple[list[str], Iterator[list[str]]]:
     nets = ["unet_fashion"] if nets is None else list(nets)
     if variants is None:
         cuda = device.type == "cuda"
@@ -32,20 +32,22 @@ def rows(device: torch.device, quick: bool, *, nets: Sequence[str] | None = None
     for variant in variants:
         train_step.parse_variant(variant)
     columns = ["net (batch)", "variant", "kind", "name", "calls/step", "us/step", "share"]
-    out = []
-    for name in nets:
-        for variant in variants:
-            p = train_step.profile_step(name, device, variant, steps=3 if quick else 5)
-            torch._dynamo.reset()
-            label = f"{name} ({p.batch})"
-            if p.device_busy_ms is not None:
-                summary = (f"wall {p.wall_ms:.2f} ms/step; GPU busy {p.device_busy_ms:.2f} ms/step "
-                           f"({100 * p.device_busy_ms / p.wall_ms:.0f}% of wall); {p.launches:.0f} launches/step")
-            else:
-                summary = f"wall {p.wall_ms:.2f} ms/step (no device timeline on a CPU)"
-            out.append([label, variant, "summary", summary, "", "", ""])
-            for r in p.rows:
-                short = r.name if len(r.name) <= NAME_CHARS else r.name[: NAME_CHARS - 3] + "..."
-                out.append([label, variant, r.kind, short.replace("|", "/"), f"{r.calls_per_step:.0f}",
-                            f"{r.us_per_step:.0f}", f"{100 * r.share:.1f}%"])
-    return columns, out
+
+    def measured_rows() -> Iterator[list[str]]:
+        for name in nets:
+            for variant in variants:
+                p = train_step.profile_step(name, device, variant, steps=3 if quick else 5)
+                torch._dynamo.reset()
+                label = f"{name} ({p.batch})"
+                if p.device_busy_ms is not None:
+                    summary = (f"wall {p.wall_ms:.2f} ms/step; GPU busy {p.device_busy_ms:.2f} ms/step "
+                               f"({100 * p.device_busy_ms / p.wall_ms:.0f}% of wall); {p.launches:.0f} launches/step")
+                else:
+                    summary = f"wall {p.wall_ms:.2f} ms/step (no device timeline on a CPU)"
+                yield [label, variant, "summary", summary, "", "", ""]
+                for r in p.rows:
+                    short = r.name if len(r.name) <= NAME_CHARS else r.name[: NAME_CHARS - 3] + "..."
+                    yield [label, variant, r.kind, short.replace("|", "/"), f"{r.calls_per_step:.0f}",
+                           f"{r.us_per_step:.0f}", f"{100 * r.share:.1f}%"]
+
+    return columns, measured_rows()

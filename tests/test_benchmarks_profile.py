@@ -32,6 +32,7 @@ def test_profile_step_accounts_for_the_step():
 
 def test_report_rows_start_with_a_summary():
     columns, rows = report_profile.rows(torch.device("cpu"), True)
+    rows = list(rows)
     assert columns[:4] == ["net (batch)", "variant", "kind", "name"]
     assert rows[0][2] == "summary" and rows[0][3].startswith("wall ")
     assert {r[2] for r in rows[1:]} == {"cpu"} and all(len(r) == len(columns) for r in rows)
