@@ -199,7 +199,8 @@ def config_from_dict(cls: type[C], values: dict[str, Any]) -> C:
 
 
 def config_to_flags(config: Any) -> list[str]:
-    """Flags that :func:`parse_cli` turns back into ``config``: ``--name=value``, ``--x``/``--no-x`` for booleans.
+    """Flags that :func:`parse_cli` turns back into ``config``: ``--name=value``, ``--x``/``--no-x`` for booleans
+    (also in ``bool | None`` fields, whose None is ``--x=none``).
 
     Strings inside tuples must not contain commas, and a string ``none`` in an optional field reads as None.
     """
@@ -243,10 +244,20 @@ def build_parser(cls: type, presets: dict[str, Any], *, default_preset: str, pro
         if tp is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=text)
+        elif _optional_bool(tp):  # --x, --no-x, --x=none (the field's own default rule)
+            parser.add_argument(flag, dest=f.name, nargs="?", const="true", default=argparse.SUPPRESS,
+                                metavar="true|false|none", help=f"{text} [true/false or none]")
+            parser.add_argument(f"--no-{flag[2:]}", dest=f.name, action="store_const", const="false",
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         else:
             parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
                                 help=f"{text} [{type_name(tp)}]")
     return parser
+
+
+def _optional_bool(tp: Any) -> bool:
+    """Whether the annotation is ``bool | None``."""
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and set(typing.get_args(tp)) == {bool, type(None)}
 
 
 class Cli(NamedTuple):

@@ -299,9 +299,14 @@ def _wrap(model: nn.Module, config: TrainConfig, dist: Dist) -> nn.Module:
     if dist.world_size > 1:
         device = dist.device
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if config.compile:
-        net = torch.compile(net)
+    if compiles(config, dist.device):
+        net = torch.compile(net, mode=config.compile_mode)
     return net
+
+
+def compiles(config: TrainConfig, device: torch.device) -> bool:
+    """Whether the loop compiles the network: ``config.compile``, or when it is None, whether it trains on CUDA."""
+    return config.compile if config.compile is not None else device.type == "cuda"
 
 
 def _non_finite_weights(members: list[_Member]) -> list[str]:
@@ -393,10 +398,13 @@ def train(config: TrainConfig, *, model: nn.Module, loss_fn: LossFn, dataset: Da
         logged: dict[str, float] = {}
         batches = _batches(loader, sampler, dataset)
         local_batch = config.batch_size // dist.world_size
+        graphs = compiles(config, device) and config.compile_mode in ("reduce-overhead", "max-autotune")
         started = time.monotonic()
         out_of_time = False
         while step < config.steps and not out_of_time:
             batch = _to_device(next(batches), device)
+            if graphs:  # CUDA-graph trees: a new iteration starts here (outputs of the last one may be reused)
+                torch.compiler.cudagraph_mark_step_begin()
             lrs = []
             for m in members:
                 loss, position, grad_norm, lr = m.step(step, batch, rand, device=device, local_batch=local_batch,

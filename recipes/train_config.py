@@ -7,6 +7,8 @@ from typing import ClassVar, Literal
 
 from .config import check_config_types, check_finite_floats
 
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -32,7 +34,8 @@ class TrainConfig:
     ema_rampup_ratio: float | None = 0.05  # EMA half-life at most this fraction of the images seen (none: off)
     ema_rate: float | None = None  # a fixed EMA decay per step instead of the half-life, as in DDPM/ADM (0.9999)
     bf16: bool = True  # bf16 autocast of the forward pass on CUDA (no effect on CPU)
-    compile: bool = False  # torch.compile the model
+    compile: bool | None = None  # torch.compile the network (none: on when training on CUDA, off on a CPU)
+    compile_mode: CompileMode = "default"  # torch.compile mode when compiling (reduce-overhead: CUDA graphs)
     channels_last: bool = False  # keep the model's weights in channels-last memory format (faster convs on CUDA)
     num_workers: int = 0  # DataLoader worker processes per rank
     log_every: int = 100  # steps between TensorBoard scalars (and non-finite loss checks)

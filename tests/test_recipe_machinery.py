@@ -88,6 +88,8 @@ demo_configs = st.builds(
     grad_clip=st.none() | st.floats(min_value=1e-6, max_value=1e6),
     adam_betas=st.tuples(st.floats(0, 0.999), st.floats(0, 0.999)),
     bf16=st.booleans(),
+    compile=st.none() | st.booleans(),
+    compile_mode=st.sampled_from(["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]),
     device=st.sampled_from(["auto", "cpu", "cuda"]),
 )
 
@@ -109,6 +111,28 @@ def test_preset_then_flags_override():
     assert parse_cli(DemoConfig, DEMO_PRESETS, []).config == DEMO_PRESETS["small"]  # first preset by default
 
 
+def test_optional_bool_flags():
+    """``bool | None`` fields take ``--x``, ``--no-x`` and ``--x=none`` (the loop's compile: none = on CUDA only)."""
+    for argv, expected in (([], None), (["--compile"], True), (["--no-compile"], False), (["--compile=none"], None),
+                           (["--compile", "false"], False), (["--compile=true"], True)):
+        assert parse_cli(DemoConfig, DEMO_PRESETS, argv).config.compile is expected
+
+
+def test_compile_defaults_to_cuda_only_and_passes_its_mode(monkeypatch):
+    from recipes import loop
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not loop.compiles(DemoConfig(), cpu) and loop.compiles(DemoConfig(), cuda)
+    assert loop.compiles(DemoConfig(compile=True), cpu) and not loop.compiles(DemoConfig(compile=False), cuda)
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: seen.append(kw) or net)
+    model = torch.nn.Linear(2, 2)
+    dist = Dist(rank=0, world_size=1, local_rank=0, device=cpu)
+    assert loop._wrap(model, DemoConfig(), dist) is model and seen == []
+    loop._wrap(model, DemoConfig(compile=True, compile_mode="reduce-overhead"), dist)
+    assert seen == [{"mode": "reduce-overhead"}]
+
+
 def test_help_comes_from_field_comments():
     text = build_parser(DemoConfig, DEMO_PRESETS, default_preset="large").format_help()
     for comment in ("a free-form run name", "channel multiplier per resolution (large: 1,2,4,4)",
@@ -127,6 +151,9 @@ def test_help_comes_from_field_comments():
     (["--batch_size=4"], r"unknown flag '--batch_size=4' \(did you mean --batch-size\?\)"),
     (["--steps", "-5"], r"steps: expected an int >= 0, got -5"),
     (["--steps"], r"--steps.*expected one argument"),
+    (["--compile=maybe"], r"--compile: expected true/false or none, got 'maybe'"),
+    (["--compile-mode", "fast"], r"--compile-mode: expected one of default\|reduce-overhead\|max-autotune\|"
+                                 r"max-autotune-no-cudagraphs, got 'fast'"),
 ])
 def test_bad_flags_raise_naming_the_flag(argv, message):
     with pytest.raises(ValueError, match=message):
