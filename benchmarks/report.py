@@ -8,7 +8,8 @@
 training-step table of ``benchmarks/report_train.py``: images/s and the fraction of the measured matmul
 peak for ``unet_fashion`` (batch 256 on a GPU) and ``ddpm_cifar10`` (batch 128); ``--variants`` takes
 ``eager`` or ``+``-joined options from ``bf16``, ``cl`` (channels_last), ``fused`` (fused AdamW),
-``compile`` (torch.compile of the network), default ``eager,bf16,bf16+cl+fused,bf16+cl+fused+compile``
+``compile`` (torch.compile of the network), ``graphs`` (compiled with CUDA graphs), default
+``eager,bf16,bf16+cl+fused,bf16+cl+fused+compile,bf16+cl+fused+graphs``
 on a GPU and ``eager,cl+fused`` (toy size) on a CPU. ``--op profile`` prints where one training step's
 time goes (``benchmarks/report_profile.py``): GPU busy time against wall time, launches per step, the top
 kernels by device time and host ops by self time. A full GPU run, for example::

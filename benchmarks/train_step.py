@@ -8,6 +8,7 @@ loss is never read back. Variants are ``+``-joined options, ``eager`` for none:
     cl        channels_last network and input
     fused     torch.optim.AdamW(fused=True) (else torch's default, the foreach implementation)
     compile   torch.compile of the network (the kdiff kernels stay custom ops inside the graph)
+    graphs    compile in mode "reduce-overhead": forward and backward replayed from CUDA graphs (implies compile)
 
 FLOPs per step: ``torch.utils.flop_counter.FlopCounterMode`` over one eager forward + backward with the
 attention on its SDPA path (``KDIFF_KERNELS=torch``, whose FLOPs the counter knows; the math is the same):
@@ -35,8 +36,8 @@ from kdiff.nets import build
 NETS = {"unet_fashion": 256, "ddpm_cifar10": 128}  # network config -> its preset's batch on a GPU
 CPU_BATCH = 2
 CPU_OVERRIDES = {"channels": 32, "norm_groups": 8}  # toy width on a CPU, same layout of levels and attention
-OPTIONS = ("bf16", "cl", "fused", "compile")
-GPU_VARIANTS = ("eager", "bf16", "bf16+cl+fused", "bf16+cl+fused+compile")
+OPTIONS = ("bf16", "cl", "fused", "compile", "graphs")
+GPU_VARIANTS = ("eager", "bf16", "bf16+cl+fused", "bf16+cl+fused+compile", "bf16+cl+fused+graphs")
 CPU_VARIANTS = ("eager", "cl+fused")
 
 
@@ -92,7 +93,9 @@ def make_step(net_name: str, batch: int, device: torch.device, variant: str) -> 
     noise_cond = torch.randn(batch, device=device)
     labels = torch.randint(0, cfg.num_classes, (batch,), device=device) if cfg.num_classes else None
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True if "fused" in options else None)
-    forward = torch.compile(net) if "compile" in options else net
+    graphs = "graphs" in options
+    forward = torch.compile(net, mode="reduce-overhead" if graphs else "default") if graphs or "compile" in options \
+        else net
     amp = "bf16" in options
 
     def loss_of(model: Callable) -> torch.Tensor:
@@ -101,6 +104,8 @@ def make_step(net_name: str, batch: int, device: torch.device, variant: str) -> 
             return (out[:, : x.shape[1]].float() - eps).square().mean()
 
     def step() -> None:
+        if graphs:  # a new iteration for CUDA-graph trees
+            torch.compiler.cudagraph_mark_step_begin()
         loss = loss_of(forward)
         opt.zero_grad(set_to_none=True)
         loss.backward()
