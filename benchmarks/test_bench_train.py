@@ -2,9 +2,9 @@
 
     python -m pytest benchmarks/test_bench_train.py [--benchmark-json out.json]
 
-On a GPU: full size (batch 256 and 128), variants ``eager``, ``bf16``, ``bf16+cl+fused`` and
-``bf16+cl+fused+compile``, ``bf16+cl+fused+graphs``; on a CPU: toy size (32 channels, batch 2), ``eager`` and ``cl+fused``
-(``KDIFF_BENCH_TRAIN_VARIANTS=v1,v2`` overrides either). CUDA is synchronized inside the timed function,
+On a GPU: full size (batch 256 and 128), variants ``eager``, ``bf16``, ``bf16+cl+fused``,
+``bf16+cl+fused+compile`` and ``bf16+cl+fused+graphs``; on a CPU: toy size (32 channels, batch 2), ``eager`` and
+``cl+fused`` (``KDIFF_BENCH_TRAIN_VARIANTS=v1,v2`` overrides either). CUDA is synchronized inside the timed function,
 so these times include one sync per step; ``python -m benchmarks.report --op train`` times back-to-back
 steps instead. ``extra_info``: images/s, GFLOP per step (FlopCounterMode), achieved TFLOP/s, the measured
 matmul peak and the fraction of it, peak memory on CUDA.
