@@ -160,8 +160,8 @@ def test_smoke_train_then_fid_writes_every_step(tmp_path, inception_fp16):
     ops = stage_train.report_ops()
     train_names = ["environment", "gpu-tests", *(f"bench-{op}" for op in ops),
                    *(Path(f).stem.replace("test_", "") for f in stage_train.bench_files(ops)),
-                   "edm-data", "edm-train", "edm-export", "edm-sample-10k", "edm-sample-40k"]
-    fid_names = ["inception", "fid-reference", "fid-10k", "fid-50k", "fid-train-vs-test"]
+                   "edm-data", "edm-train", "edm-export", "edm-sample-10k", "edm-sample-40k", "edm-sample-10k-fp32"]
+    fid_names = ["inception", "fid-reference", "fid-10k", "fid-50k", "fid-train-vs-test", "fid-precision"]
     for stage, names in zip(doc["stages"], (train_names, fid_names)):
         assert [s["name"] for s in stage["steps"]] == names
         for s in stage["steps"]:
@@ -171,12 +171,16 @@ def test_smoke_train_then_fid_writes_every_step(tmp_path, inception_fp16):
     steps = _steps(doc)
     # the chain stage 2 depends on must work on the CPU; benchmarks may be cut by the smoke time cap
     for name in ("environment", "gpu-tests", "edm-data", "edm-train", "edm-export", "edm-sample-10k",
-                 "edm-sample-40k", *fid_names):
+                 "edm-sample-40k", "edm-sample-10k-fp32", *fid_names):
         assert steps[name]["status"] == "ok", (name, steps[name].get("error"))
     ema = torch.load(out / "edm-fashion-ema-fp16.pt", weights_only=True)
     assert all(v.dtype == torch.float16 for v in ema["ema"].values() if v.is_floating_point())
     assert (out / "edm-fashion-ema-fp16.pt").stat().st_size < 16 * 2**20 and "config" in ema
     assert "float16" in steps["inception"]["data"]["stored_dtypes"]
-    assert steps["fid-10k"]["data"]["n"] == 4 and steps["fid-50k"]["data"]["n"] == 6
+    assert steps["fid-10k"]["data"]["n"] == 4 and steps["fid-50k"]["data"]["n"] == 8
     for name in ("fid-10k", "fid-50k", "fid-train-vs-test"):
         assert np.isfinite(steps[name]["data"]["fid"]) and steps[name]["data"]["fid"] > 0
+    precision = steps["fid-precision"]["data"]
+    assert precision["n"] == 4 and precision["fid_bf16"] == pytest.approx(steps["fid-10k"]["data"]["fid"], rel=1e-4)
+    assert all(np.isfinite(precision[k]) for k in ("fid_fp32", "fid_bf16_other_seeds", "seed_gap", "precision_gap"))
+    assert 0 <= precision["pixel_mean_abs_diff"] < 255

@@ -10,10 +10,12 @@ throughput; ``pytest -m gpu``; ``benchmarks.report --quick`` for every ``benchma
 to the goals of BENCHMARKS.md; every other ``benchmarks/test_bench_*.py`` suite (the networks' training-step
 throughput); then EDM on Fashion-MNIST, class-conditional, through ``python -m recipes.edm`` and
 ``python -m recipes.sample``: pack the data, train for the rest of ~4 minutes, write the EMA weights in float16 to OUT
-(11 MB), and draw 50,000 samples with Heun, 18 steps (35 evaluations), in bf16 autocast, as two calls (seeds
-0..9,999, then 10,000..49,999) so a cut-short second call still leaves the FID at 10k. Stage ``fid`` (default 170 s):
-the Inception from ``--inception`` (any stored float dtype, run in float32), test-split statistics computed with it,
-then FID at 10,000 and 50,000 samples, and real training images vs the test split at 10,000 (the floor).
+(11 MB), and draw 50,000 samples with Heun, 18 steps (35 evaluations), in bf16 autocast (``--precision bf16``), as
+two calls (seeds 0..9,999, then 10,000..49,999) so a cut-short second call still leaves the FID at 10k; then seeds
+0..9,999 again in float32. Stage ``fid`` (default 170 s): the Inception from ``--inception`` (any stored float dtype,
+run in float32), test-split statistics computed with it, then FID at 10,000 and 50,000 samples, real training images
+vs the test split at 10,000 (the floor), and the precision check: float32 against bf16 FID for the same seeds, beside
+the FID difference of two disjoint bf16 seed sets (its noise).
 Stage 1 leaves data, checkpoint and samples in ``--work`` (``runs/gpu-session/``: git-ignored, so never carried to
 the device, and still there for stage 2 in the same checkout).
 

@@ -345,31 +345,36 @@ class EDMRun:
                         {"run_dir": str(self.run_dir), "out": str(self.session.out_dir / "edm-fashion-ema-fp16.pt")},
                         timeout=budget)
 
-    def sample(self, part: int) -> Callable[[float], Outcome]:
+    def sample(self, part: int, *, precision: str = "bf16") -> Callable[[float], Outcome]:
+        """Sample file ``part`` of the plan's seeds in bf16 (``state["samples"][part]``), or, with ``precision``
+        fp32, the first part's seeds again in float32 (``state["samples_fp32"]``: the precision check)."""
         def run(budget: float) -> Outcome:
             ckpt = self.state.get("checkpoint")
             if ckpt is None:
                 return Outcome("failed", error="no checkpoint to sample from (training failed)")
-            seeds, out = self.plan.sample_seeds[part], self.work / f"samples-{part}"
-            argv = python("-m", "benchmarks.gpu_session.autocast_run", "recipes.sample", ckpt, "--seeds", seeds,
-                          "--solver", "heun", "--steps", str(self.plan.sample_steps),
-                          "--batch-size", str(self.plan.sample_batch),
-                          "--out", str(out), *(["--device", "cpu"] if self.smoke else []))
-            proc = run_process(argv, timeout=budget, log=self.session.log_path(f"edm-sample-{part}"))
+            seeds = self.plan.sample_seeds[part]
+            out = self.work / (f"samples-{part}" if precision == "bf16" else f"samples-{part}-{precision}")
+            argv = python("-m", "recipes.sample", ckpt, "--seeds", seeds, "--solver", "heun",
+                          "--steps", str(self.plan.sample_steps), "--batch-size", str(self.plan.sample_batch),
+                          "--precision", precision, "--out", str(out), *(["--device", "cpu"] if self.smoke else []))
+            proc = run_process(argv, timeout=budget, log=self.session.log_path(f"edm-sample-{part}-{precision}"))
             h5 = out / "samples.h5"
             lo, hi = (int(x) for x in seeds.split("-"))
             md = (f"seeds {seeds} ({hi - lo + 1:,} samples), Heun {self.plan.sample_steps} steps "
-                  f"({2 * self.plan.sample_steps - 1} evaluations), bf16 autocast on CUDA, "
+                  f"({2 * self.plan.sample_steps - 1} evaluations), `--precision {precision}`, "
                   f"batch {self.plan.sample_batch}: {proc.seconds:.1f} s including start-up "
                   f"({(hi - lo + 1) / proc.seconds:,.0f} samples/s)")
             if proc.ok and h5.is_file():
-                files = self.state["samples"]
-                files[part:] = [str(h5)]
+                if precision == "bf16":
+                    files = self.state["samples"]
+                    files[part:] = [str(h5)]
+                else:
+                    self.state[f"samples_{precision}"] = str(h5)
                 self._save_state()
                 grid = out / "samples.png"
-                if grid.is_file():
+                if grid.is_file() and precision == "bf16":
                     (self.session.out_dir / f"edm-samples-{part}.png").write_bytes(grid.read_bytes())
-            return proc.outcome(md, {"seeds": seeds, "file": str(h5)})
+            return proc.outcome(md, {"seeds": seeds, "file": str(h5), "precision": precision})
         return run
 
 
@@ -389,4 +394,5 @@ def steps(session: Session, *, work: Path, data: str | None, smoke: bool) -> lis
             Step("edm-train", 240, edm.train),
             Step("edm-export", 6, edm.export),
             Step("edm-sample-10k", 20, edm.sample(0)),
-            Step("edm-sample-40k", 60, edm.sample(1))]
+            Step("edm-sample-40k", 60, edm.sample(1)),
+            Step("edm-sample-10k-fp32", 25, edm.sample(0, precision="fp32"))]

@@ -314,9 +314,8 @@ def fid_samples(*, work: str, inception: str | None, batch_size: int, part: int,
     feats, seconds = _features_of(files[part], net=net, limit=limit, crop_to=shape, batch_size=batch_size)
     kept = Path(work) / "fid" / "samples-part0.npy"
     new = len(feats)
-    if part == 0:
-        np.save(kept, feats.astype(np.float32))  # float32 halves the file; the statistics are float64 either way
-    else:
+    np.save(Path(work) / "fid" / f"samples-part{part}.npy", feats.astype(np.float32))  # float32 halves the file
+    if part != 0:
         feats = np.concatenate([np.load(kept).astype(np.float64), feats])
     t0 = time.perf_counter()
     fid = metrics.frechet_distance(*metrics.feature_stats(feats), mu_r, sigma_r)
@@ -326,6 +325,46 @@ def fid_samples(*, work: str, inception: str | None, batch_size: int, part: int,
           f"{shape[1]}: the recipe pads the training images); features of {new:,} new samples in {seconds:.1f} s "
           f"({new / seconds:,.0f} img/s), statistics + distance {stats_seconds:.1f} s")
     return {"fid": fid, "n": n, "seconds": seconds, "md": md}
+
+
+def fid_precision(*, work: str, inception: str | None, batch_size: int, limit: int | None) -> dict[str, Any]:
+    """bf16 against float32 sampling of the same seeds: FID of each at 10k, and the FID difference between two
+    disjoint 10k seed sets in bf16 (seeds 0.. and the first of the second file), the noise the first is judged by.
+    Also the mean absolute uint8 difference between the paired images."""
+    from kdiff import data, metrics
+
+    state = _state(work)
+    mu_r, sigma_r, shape = _reference(work)
+    fid_dir = Path(work) / "fid"
+    bf16_file, fp32_file = (state.get("samples") or [None])[0], state.get("samples_fp32")
+    if bf16_file is None or fp32_file is None or not (fid_dir / "samples-part0.npy").is_file():
+        raise FileNotFoundError("samples: the precision check needs stage 1's bf16 and float32 files of the first "
+                                "seeds and the fid-10k step's features")
+    bf16 = np.load(fid_dir / "samples-part0.npy").astype(np.float64)
+    net = _net(inception)
+    fp32, seconds = _features_of(fp32_file, net=net, limit=limit or len(bf16), crop_to=shape, batch_size=batch_size)
+    n = min(len(bf16), len(fp32))
+    fid = {name: metrics.frechet_distance(*metrics.feature_stats(f[:n]), mu_r, sigma_r)
+           for name, f in (("bf16", bf16), ("fp32", fp32))}
+    other = None
+    if (fid_dir / "samples-part1.npy").is_file():
+        part1 = np.load(fid_dir / "samples-part1.npy").astype(np.float64)
+        if len(part1) >= n:
+            other = metrics.frechet_distance(*metrics.feature_stats(part1[:n]), mu_r, sigma_r)
+    pixels_bf16 = data.read_h5(bf16_file)[0][:n].astype(np.int16)
+    pixels_fp32 = data.read_h5(fp32_file)[0][:n].astype(np.int16)
+    pixel_diff = float(np.abs(pixels_bf16 - pixels_fp32).mean())
+    precision_gap = abs(fid["bf16"] - fid["fp32"])
+    seed_gap = None if other is None else abs(fid["bf16"] - other)
+    verdict = ("no seed-noise figure (fid-50k did not run)" if seed_gap is None else
+               f"bf16 {'within' if precision_gap <= seed_gap else 'BEYOND'} the seed noise")
+    md = (f"- same {n:,} seeds: FID bf16 {fid['bf16']:.3f}, float32 {fid['fp32']:.3f} (|difference| "
+          f"{precision_gap:.3f}); a disjoint {n:,}-seed bf16 set: "
+          f"{'n/a' if other is None else f'{other:.3f}'} (|difference| "
+          f"{'n/a' if seed_gap is None else f'{seed_gap:.3f}'}): {verdict}; mean |uint8 difference| of the paired "
+          f"images {pixel_diff:.2f}; float32 features in {seconds:.1f} s")
+    return {"n": n, "fid_bf16": fid["bf16"], "fid_fp32": fid["fp32"], "fid_bf16_other_seeds": other,
+            "precision_gap": precision_gap, "seed_gap": seed_gap, "pixel_mean_abs_diff": pixel_diff, "md": md}
 
 
 def fid_real(*, work: str, inception: str | None, batch_size: int, limit: int | None) -> dict[str, Any]:
@@ -342,4 +381,4 @@ def fid_real(*, work: str, inception: str | None, batch_size: int, limit: int | 
 
 
 TASKS = {f.__name__: f for f in (environment, toy_idx, pack_data, export_ema, inception, fid_reference, fid_samples,
-                                 fid_real)}
+                                 fid_real, fid_precision)}
