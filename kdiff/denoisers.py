@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ._util import Scalar, check_callable, check_float, check_number, check_range, coef_dtype, per_sample
-from .param import edm_precond, x_from_eps, x_from_v
+from .param import edm_precond, split_net_output, x_from_eps, x_from_v
 from .schedules import alpha_sigma, logsnr_from_sigma, timestep_from_sigma
 
 __all__ = ["Denoise", "edm_denoiser", "vp_denoiser", "timestep_from_sigma", "clip_denoised"]
@@ -105,16 +105,8 @@ def vp_denoiser(net: Callable[[Tensor, Tensor], Tensor], *, param: str = "eps", 
         alpha = per_sample(alpha_sigma(logsnr)[0], "alpha", x)
         z = (alpha * x.to(alpha.dtype)).to(x.dtype)
         level = logsnr if alphas_bar is None else timestep_from_sigma(_batch(s, x), alphas_bar, nearest=nearest)
-        out = net(z, _net_input(level, x), *cond, **cond_kw)
-        if not isinstance(out, Tensor):
-            raise TypeError(f"net: expected the network to return a tensor, got {type(out).__name__}")
-        if learned_variance:
-            if out.ndim < 2 or out.shape[1] != 2 * x.shape[1]:
-                raise ValueError(f"net: expected {2 * x.shape[1]} channels in dim 1 with learned_variance=True, "
-                                 f"got shape {tuple(out.shape)}")
-            out, v_raw = out.chunk(2, dim=1)
-        if out.shape != x.shape:
-            raise ValueError(f"net: expected an output of shape {tuple(x.shape)}, got {tuple(out.shape)}")
+        out, v_raw = split_net_output(net(z, _net_input(level, x), *cond, **cond_kw), x, learned=learned_variance,
+                                      setting="learned_variance=True")
         if param == "eps":
             denoised = x_from_eps(z, out.to(z.dtype), logsnr)
         elif param == "v":

@@ -46,7 +46,7 @@ from ._util import (
     per_sample,
     per_sample_flat,
 )
-from .param import x_from_eps, x_from_v
+from .param import split_net_output, x_from_eps, x_from_v
 from .process import diffuse, learned_range_logvar, posterior, posterior_logvar, transition_logvar
 
 __all__ = [
@@ -560,14 +560,7 @@ def vlb_model(net: Callable[[Tensor, Tensor], Tensor], logsnrs: Tensor, *, param
         lt = levels[idx]
         ls = torch.where(idx > 0, levels[(idx - 1).clamp(min=0)], math.inf)
         c = idx.to(coef_dtype(z)) if cond == "index" else lt
-        out = net(z, c)
-        if variance == "learned":
-            if out.ndim < 2 or out.shape[1] != 2 * z.shape[1]:
-                raise ValueError(f"net: expected {2 * z.shape[1]} channels in dim 1 with variance='learned', "
-                                 f"got shape {tuple(out.shape)}")
-            out, v_raw = out.chunk(2, dim=1)
-        if out.shape != z.shape:
-            raise ValueError(f"net: expected an output of shape {tuple(z.shape)}, got {tuple(out.shape)}")
+        out, v_raw = split_net_output(net(z, c), z, learned=variance == "learned", setting="variance='learned'")
         zc = z.to(coef_dtype(z))
         x_hat = (x_from_eps(zc, out.to(zc.dtype), lt) if param == "eps" else
                  x_from_v(zc, out.to(zc.dtype), lt) if param == "v" else out.to(zc.dtype))

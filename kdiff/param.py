@@ -121,3 +121,22 @@ def edm_precond(sigma: Scalar, *, sigma_data: float = 0.5) -> tuple[Tensor, Tens
     c_in = 1.0 / r
     c_noise = torch.log(s) / 4
     return c_skip, c_out, c_in, c_noise
+
+
+def split_net_output(out: object, x: Tensor, *, learned: bool, setting: str) -> tuple[Tensor, Tensor | None]:
+    """A network's output checked against the input ``x``: ``(prediction, None)``, or with a learned variance the
+    two halves of dim 1, ``(prediction, v_raw)`` [iDDPM Sec. 3.1: the net returns ``2C`` channels].
+
+    ``setting`` names the caller's argument that asked for the learned variance, for the error message.
+    """
+    if not isinstance(out, Tensor):
+        raise TypeError(f"net: expected the network to return a tensor, got {type(out).__name__}")
+    v_raw = None
+    if learned:
+        if out.ndim < 2 or out.shape[1] != 2 * x.shape[1]:
+            raise ValueError(f"net: expected {2 * x.shape[1]} channels in dim 1 with {setting}, "
+                             f"got shape {tuple(out.shape)}")
+        out, v_raw = out.chunk(2, dim=1)
+    if out.shape != x.shape:
+        raise ValueError(f"net: expected an output of shape {tuple(x.shape)}, got {tuple(out.shape)}")
+    return out, v_raw
