@@ -592,21 +592,35 @@ class VLBEstimate(NamedTuple):
         return self.bpd.mean().item(), (self.stderr.square().sum().sqrt() / self.bpd.numel()).item()
 
 
-def vlb_estimate(model_fn: ModelFn, x: Tensor, logsnrs: Tensor, *, k: int, generator: torch.Generator | None = None,
-                 cdf: str = "exact", progress: bool = False) -> VLBEstimate:
-    """``L_T + (T/K) sum_k L_{t_k}`` with ``t_k ~ U{0..T-1}`` i.i.d. per sample [iDDPM Eq. 4-6, 14 with p_t = 1/T].
+ESTIMATORS = ("uniform", "stratified")
 
-    Unbiased for the bound :func:`vlb` computes exactly: ``E_t[T L_t] = sum_t L_t``. Each of the ``K`` draws
-    gives every sample its own step ``t`` and forward noise, so one ``model_fn(z, t)`` call with ``t [B]`` serves
-    the batch (e.g. :func:`vlb_model`). ``stderr = std_k(T L_{t_k}) / sqrt(K)`` (sample std, ``K >= 2``): the
-    spread over ``t`` and the noise for the given images, which is what separates the estimate from the exact
-    bound of the same images. Costs ``K`` evaluations per sample instead of ``T``.
+
+def vlb_estimate(model_fn: ModelFn, x: Tensor, logsnrs: Tensor, *, k: int, generator: torch.Generator | None = None,
+                 cdf: str = "exact", method: str = "uniform", progress: bool = False) -> VLBEstimate:
+    """An unbiased estimate of the bound :func:`vlb` computes exactly, from ``K`` random steps per sample.
+
+    ``method="uniform"``: ``L_T + (T/K) sum_k L_{t_k}`` with ``t_k ~ U{0..T-1}`` i.i.d. [iDDPM Eq. 4-6, 14 with
+    ``p_t = 1/T``]; ``E_t[T L_t] = sum_t L_t``; ``stderr = std_k(T L_{t_k}) / sqrt(K)`` (sample std).
+
+    ``method="stratified"``: the steps are split into ``S = K / 2`` strata, the first being the decoder step
+    ``{0}`` alone and the others ``S - 1`` contiguous runs of ``1..T-1`` of near-equal size ``n_j``; two draws
+    per stratum (``t`` uniform in it, fresh noise): ``L_T + sum_j n_j (L_a + L_b) / 2`` with the unbiased
+    variance ``sum_j n_j^2 (L_a - L_b)^2 / 4`` [Cochran, *Sampling Techniques*, 3rd ed., Sec. 5.3 and 5A.12].
+    A bound whose terms differ by orders of magnitude along ``t`` (the decoder term is often hundreds of times
+    a middle step's) is then sampled where it lives: every estimate sees the decoder term twice, where
+    uniform draws hit it with probability ``K/T`` and are right-skewed at small ``K``. Needs an even
+    ``K <= 2 T``.
+
+    Each draw gives every sample its own step ``t`` and forward noise, so one ``model_fn(z, t)`` call with
+    ``t [B]`` serves the batch (e.g. :func:`vlb_model`). The standard error is the spread over ``t`` and the
+    noise for the given images, which is what separates the estimate from the exact bound of the same images.
+    Costs ``K`` evaluations per sample instead of ``T``.
 
     Args:
         model_fn: ``model_fn(z, t) -> (mean, logvar)`` accepting a ``[B]`` integer tensor ``t``.
         x: ``(B, ...)`` on the 256-level grid in [-1, 1]; logsnrs: ``(T,)`` as for :func:`vlb`.
         k: draws per sample, ``>= 2``. generator: every draw (torch's global generator when None).
-        cdf: the decoder's normal CDF, ``"exact"`` or ``"tanh"``.
+        cdf: the decoder's normal CDF, ``"exact"`` or ``"tanh"``. method: ``"uniform"`` or ``"stratified"``.
     Returns:
         :class:`VLBEstimate` with ``bpd``, ``nats``, ``stderr`` (of bpd), each ``[B]``.
     """
@@ -615,12 +629,25 @@ def vlb_estimate(model_fn: ModelFn, x: Tensor, logsnrs: Tensor, *, k: int, gener
     check_int(k, "k", low=2)
     if cdf not in CDFS:
         raise ValueError(f"cdf: expected one of {', '.join(map(repr, CDFS))}, got {cdf!r}")
+    if method not in ESTIMATORS:
+        raise ValueError(f"method: expected one of {', '.join(map(repr, ESTIMATORS))}, got {method!r}")
     T, B = logsnrs.numel(), x.shape[0]
+    if method == "stratified" and (k % 2 or k > 2 * T):
+        raise ValueError(f"k: expected an even int in [2, {2 * T}] (two draws per stratum, at most T strata) with "
+                         f"method='stratified', got {k}")
+    # stratum j = steps [bounds[j], bounds[j + 1]): {0}, then 1..T-1 in S - 1 near-equal runs
+    strata = k // 2
+    bounds = [0] + [1 + (j * (T - 1)) // (strata - 1) for j in range(strata)] if strata > 1 else [0, T]
     levels = logsnrs.to(device=x.device, dtype=coef_dtype(logsnrs))
     gen_device = generator.device if generator is not None else x.device
-    draws = []
-    for _ in tqdm(range(k), disable=not progress, desc="vlb estimate"):
-        t = torch.randint(0, T, (B,), generator=generator, device=gen_device).to(x.device)
+    draws, weights = [], []
+    for i in tqdm(range(k), disable=not progress, desc="vlb estimate"):
+        if method == "uniform":
+            lo, hi = 0, T
+        else:
+            lo, hi = bounds[i // 2], bounds[i // 2 + 1]
+        weights.append(hi - lo)
+        t = torch.randint(lo, hi, (B,), generator=generator, device=gen_device).to(x.device)
         eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=gen_device).to(x.device)
         lt = levels[t]
         z = diffuse(x, eps, lt)
@@ -630,10 +657,16 @@ def vlb_estimate(model_fn: ModelFn, x: Tensor, logsnrs: Tensor, *, k: int, gener
         term = vlb_term(x, z, mean, logvar, ls, lt)
         if cdf != "exact" and bool(first.any()):
             term = torch.where(first, decoder_nll(x, mean, logvar, cdf=cdf).to(term.dtype), term)
-        draws.append(T * term)
-    draws_t = torch.stack(draws, dim=1)  # [B, K]
-    nats = prior_kl(x, levels[-1]).to(draws_t.dtype) + draws_t.mean(dim=1)
-    stderr = draws_t.std(dim=1) / math.sqrt(k)
+        draws.append(weights[-1] * term)
+    draws_t = torch.stack(draws, dim=1)  # [B, K]: n L_t, n the size of the stratum (T for uniform draws)
+    prior = prior_kl(x, levels[-1]).to(draws_t.dtype)
+    if method == "uniform":
+        nats = prior + draws_t.mean(dim=1)
+        stderr = draws_t.std(dim=1) / math.sqrt(k)
+    else:
+        pairs = draws_t.view(B, strata, 2)
+        nats = prior + pairs.mean(dim=2).sum(dim=1)
+        stderr = ((pairs[..., 0] - pairs[..., 1]).square().sum(dim=1) / 4).sqrt()
     dims = _dims(x)
     return VLBEstimate(bpd=bits_per_dim(nats, dims), nats=nats, stderr=bits_per_dim(stderr, dims))
 

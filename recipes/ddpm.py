@@ -267,12 +267,14 @@ def chain_bits_per_dim(net: TimeNet, x: Tensor, logsnrs: Tensor, *, variance: st
 @torch.no_grad()
 def estimate_bits_per_dim(net: TimeNet, x: Tensor, logsnrs: Tensor, *, k: int, variance: str = "small",
                           learn_variance: bool = False, clip_denoised: bool = True,
-                          seed: int = 0) -> tuple[float, float]:
-    """``(bits/dim, standard error)`` by :func:`kdiff.elbo.vlb_estimate`: ``k`` random steps per image."""
+                          seed: int = 0, method: str = "uniform") -> tuple[float, float]:
+    """``(bits/dim, standard error)`` by :func:`kdiff.elbo.vlb_estimate`: ``k`` random steps per image, drawn
+    uniformly or stratified (``method``)."""
     C = x.shape[1]
     base = (lambda z, c: net(z, c)[:, :C]) if learn_variance and variance != "learned" else net
     model_fn = elbo.vlb_model(base, logsnrs, variance=variance, clip_denoised=clip_denoised)
-    est = elbo.vlb_estimate(model_fn, x, logsnrs, k=k, generator=torch.Generator(x.device).manual_seed(seed))
+    est = elbo.vlb_estimate(model_fn, x, logsnrs, k=k, method=method,
+                            generator=torch.Generator(x.device).manual_seed(seed))
     return est.summary()
 
 

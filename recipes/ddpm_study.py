@@ -9,6 +9,7 @@ fixed-small and fixed-large variances) and cosine + ``L_hybrid`` (learned varian
   learned variances, DDIM(eta=0) 50/25.
 
     python -m recipes.ddpm_study --out runs/ddpm-study        # writes study.json and fd_vs_steps.png there
+    python -m recipes.ddpm_study --out runs/ddpm-study --estimators  # uniform vs stratified estimates: estimators.json
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from kdiff import metrics
+from kdiff import elbo, metrics
 
 from . import ddpm
 from .image import load_for_sampling
@@ -78,14 +79,14 @@ def fd_sweep(model: nn.Module, alphas_bar: Tensor, fd, *, variances: tuple[str, 
 
 @torch.no_grad()
 def estimate_spread(model: nn.Module, x: Tensor, logsnrs: Tensor, *, variance: str, learn_variance: bool,
-                    k: int, repeats: int) -> dict:
+                    k: int, repeats: int, method: str = "uniform") -> dict:
     """``repeats`` independent stochastic estimates (seeds 1..repeats): their mean and spread beside the mean
     stated standard error, to check that the stated error describes the estimate's actual scatter."""
     runs = [ddpm.estimate_bits_per_dim(_net(model), x, logsnrs, k=k, variance=variance, learn_variance=learn_variance,
-                                       seed=seed) for seed in range(1, repeats + 1)]
+                                       seed=seed, method=method) for seed in range(1, repeats + 1)]
     est = torch.tensor([r[0] for r in runs], dtype=torch.float64)
     se = torch.tensor([r[1] for r in runs], dtype=torch.float64)
-    return {"variance": variance, "k": k, "repeats": repeats, "mean": est.mean().item(),
+    return {"variance": variance, "k": k, "method": method, "repeats": repeats, "mean": est.mean().item(),
             "spread": est.std().item(), "mean_stated_se": se.mean().item(), "median_stated_se": se.median().item()}
 
 
@@ -101,6 +102,32 @@ def estimates_only(out: Path, configs: dict, plan: dict, x: Tensor, *, ks: tuple
         (out / "study.json").write_text(json.dumps(result, indent=1))
 
 
+def estimator_comparison(out: Path, configs: dict, plan: dict, x: Tensor, *, ks: tuple[int, ...],
+                         repeats: int) -> None:
+    """Uniform against stratified draws of the stochastic estimate, beside the exact bound (x0 clip, each model's
+    first variance); trains a model first where ``--out`` has no checkpoint of it. Writes ``estimators.json``."""
+    result: dict[str, object] = {"ks": list(ks), "repeats": repeats, "images": x.shape[0]}
+    for name, config in configs.items():
+        if not list(Path(config.out_dir).glob("ckpt-*.pt")):
+            ddpm.RECIPE.run(config)
+        model = load_for_sampling(config.out_dir).model
+        _, logsnrs = ddpm.chain_tables(config.schedule, config.T)
+        variance = plan[name][0][0]
+        exact = ddpm.chain_bits_per_dim(_net(model), x, logsnrs, variance=variance,
+                                        learn_variance=config.learn_variance, progress=False)
+        rows = []
+        for k in ks:
+            for method in elbo.ESTIMATORS:
+                t0 = time.perf_counter()
+                row = estimate_spread(model, x, logsnrs, variance=variance, learn_variance=config.learn_variance, k=k,
+                                      repeats=repeats, method=method)
+                row["seconds"] = time.perf_counter() - t0
+                rows.append(row)
+                print(json.dumps({"model": name, "exact": exact.bpd, **row}), file=sys.stderr, flush=True)
+        result[name] = {"variance": variance, "exact": exact.bpd, "estimates": rows}
+        (out / "estimators.json").write_text(json.dumps(result, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipes.ddpm_study", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/ddpm-study", help="output folder")
@@ -109,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=50, help="random steps per image of the stochastic estimate")
     parser.add_argument("--estimates-only", action="store_true",
                         help="with the trained models in --out: repeat the stochastic estimate (K = 50, 200) 20 times")
+    parser.add_argument("--estimators", action="store_true",
+                        help="uniform vs stratified stochastic estimates (K = k, 4k; 20 repeats) against the exact "
+                             "bound, training the models first where --out lacks them; writes estimators.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -127,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     x_test = ddpm.held_out_images(base)
     if args.estimates_only:
         estimates_only(out, configs, plan, x_test, ks=(args.k, 4 * args.k), repeats=20)
+        return 0
+    if args.estimators:
+        out.mkdir(parents=True, exist_ok=True)
+        estimator_comparison(out, configs, plan, x_test, ks=(args.k, 4 * args.k), repeats=20)
         return 0
     result: dict[str, object] = {"budget": {"steps": configs["linear+L_simple"].steps, "batch_size": base.batch_size,
                                             "lr": base.lr, "T": base.T, "net": base.net, "samples": args.samples,

@@ -205,14 +205,15 @@ def test_exact_bound_of_a_deterministic_model_matches_the_closed_form():
     np.testing.assert_allclose(out.nats.numpy(), _closed_form_bound(x, x_hat, v, abar), rtol=1e-9)
 
 
-def test_stochastic_estimate_is_unbiased_and_its_standard_error_is_calibrated():
+@pytest.mark.parametrize("method", elbo.ESTIMATORS)
+def test_stochastic_estimate_is_unbiased_and_its_standard_error_is_calibrated(method):
     x, x_hat, v, abar = _deterministic_case()
     logsnrs = logsnr_from_alphas_bar(abar)
     exact = torch.tensor(_closed_form_bound(x, x_hat, v, abar)) / (x[0].numel() * math.log(2))
     R, K = 400, 4  # R independent estimates per image, run as one batch of R copies
     xr = x.repeat(R, 1, 1, 1)
     model_fn = elbo.vlb_model(_fixed_prediction_model(x_hat, v), logsnrs, param="x", variance="learned")
-    est = elbo.vlb_estimate(model_fn, xr, logsnrs, k=K, generator=torch.Generator().manual_seed(0))
+    est = elbo.vlb_estimate(model_fn, xr, logsnrs, k=K, method=method, generator=torch.Generator().manual_seed(0))
     bpd, se = est.bpd.reshape(R, -1), est.stderr.reshape(R, -1)
     # unbiased: the mean of R estimates is within 4 of its standard errors of the exact bound, per image
     assert ((bpd.mean(0) - exact).abs() < 4 * bpd.std(0) / math.sqrt(R)).all()
@@ -222,11 +223,36 @@ def test_stochastic_estimate_is_unbiased_and_its_standard_error_is_calibrated():
     mean, se_mean = elbo.VLBEstimate(est.bpd[:3], est.nats[:3], est.stderr[:3]).summary()
     assert se_mean == pytest.approx(est.stderr[:3].square().sum().sqrt().item() / 3)
     assert mean == pytest.approx(est.bpd[:3].mean().item())
-    again = elbo.vlb_estimate(model_fn, xr, logsnrs, k=K, generator=torch.Generator().manual_seed(0))
+    again = elbo.vlb_estimate(model_fn, xr, logsnrs, k=K, method=method, generator=torch.Generator().manual_seed(0))
     assert torch.equal(again.bpd, est.bpd)
 
 
-def test_stochastic_estimate_of_a_network_agrees_with_the_exact_bound():
+def test_stratified_estimate_with_one_stratum_per_step_is_the_exact_bound():
+    """K = 2T: every step is its own stratum, drawn twice. This model's terms do not depend on the noise (its
+    prediction ignores z), so the estimate is the closed-form bound and both draws of a stratum agree (SE 0)."""
+    x, x_hat, v, abar = _deterministic_case(T=12)
+    logsnrs = logsnr_from_alphas_bar(abar)
+    exact = torch.tensor(_closed_form_bound(x, x_hat, v, abar))
+    model_fn = elbo.vlb_model(_fixed_prediction_model(x_hat, v), logsnrs, param="x", variance="learned")
+    est = elbo.vlb_estimate(model_fn, x, logsnrs, k=24, method="stratified", generator=torch.Generator().manual_seed(2))
+    np.testing.assert_allclose(est.nats.numpy(), exact.numpy(), rtol=1e-9)
+    np.testing.assert_allclose(est.stderr.numpy(), 0.0, atol=1e-9)
+
+
+def test_stratified_estimate_has_a_smaller_spread_where_the_decoder_term_dominates():
+    """The decoder term of this model is most of its bound; uniform draws at K = 8 of T = 40 steps miss it most of
+    the time, the stratified estimate sees it in every run (measured over 400 runs: a 7-19x smaller spread)."""
+    x, x_hat, v, abar = _deterministic_case()
+    logsnrs = logsnr_from_alphas_bar(abar)
+    xr = x.repeat(200, 1, 1, 1)
+    model_fn = elbo.vlb_model(_fixed_prediction_model(x_hat, v), logsnrs, param="x", variance="learned")
+    spread = {m: elbo.vlb_estimate(model_fn, xr, logsnrs, k=8, method=m, generator=torch.Generator().manual_seed(1))
+              .bpd.reshape(200, -1).std(0) for m in elbo.ESTIMATORS}
+    assert (spread["stratified"] < spread["uniform"] / 3).all(), spread
+
+
+@pytest.mark.parametrize("method", elbo.ESTIMATORS)
+def test_stochastic_estimate_of_a_network_agrees_with_the_exact_bound(method):
     # A z-dependent network: the terms are random in the noise too; the estimate is within 4 standard errors.
     T, C = 16, 1
     abar = _table("linear", T)
@@ -234,7 +260,7 @@ def test_stochastic_estimate_of_a_network_agrees_with_the_exact_bound():
     model_fn = elbo.vlb_model(_Net(C, 2, T=T, seed=4), logsnrs, variance="learned")
     x = torch.tensor(_grid(np.random.default_rng(5).integers(0, 256, size=(64, C, 2, 2))))
     exact = elbo.vlb(model_fn, x, logsnrs, generator=torch.Generator().manual_seed(6)).bpd.mean().item()
-    est = elbo.vlb_estimate(model_fn, x, logsnrs, k=32, generator=torch.Generator().manual_seed(7))
+    est = elbo.vlb_estimate(model_fn, x, logsnrs, k=32, method=method, generator=torch.Generator().manual_seed(7))
     mean, se = est.summary()
     assert se > 0 and abs(mean - exact) < 4 * se
 
@@ -247,6 +273,11 @@ def test_vlb_estimate_bad_input():
         elbo.vlb_estimate(fn, x, logsnrs, k=1)
     with pytest.raises(ValueError, match="cdf: expected one of"):
         elbo.vlb_estimate(fn, x, logsnrs, k=2, cdf="erf")
+    with pytest.raises(ValueError, match="method: expected one of 'uniform', 'stratified', got 'sobol'"):
+        elbo.vlb_estimate(fn, x, logsnrs, k=2, method="sobol")
+    for k in (3, 10):  # odd; more than two draws for each of the T = 4 steps
+        with pytest.raises(ValueError, match=r"k: expected an even int in \[2, 8\]"):
+            elbo.vlb_estimate(fn, x, logsnrs, k=k, method="stratified")
 
 
 # ----------------------------------------------------------------------------------------------
