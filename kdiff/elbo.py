@@ -609,7 +609,7 @@ def vlb_estimate(model_fn: ModelFn, x: Tensor, logsnrs: Tensor, *, k: int, gener
     A bound whose terms differ by orders of magnitude along ``t`` (the decoder term is often hundreds of times
     a middle step's) is then sampled where it lives: every estimate sees the decoder term twice, where
     uniform draws hit it with probability ``K/T`` and are right-skewed at small ``K``. Needs an even
-    ``K <= 2 T``.
+    ``K <= 2 T``; ``K = 2`` is one stratum of all steps.
 
     Each draw gives every sample its own step ``t`` and forward noise, so one ``model_fn(z, t)`` call with
     ``t [B]`` serves the batch (e.g. :func:`vlb_model`). The standard error is the spread over ``t`` and the
@@ -635,9 +635,11 @@ def vlb_estimate(model_fn: ModelFn, x: Tensor, logsnrs: Tensor, *, k: int, gener
     if method == "stratified" and (k % 2 or k > 2 * T):
         raise ValueError(f"k: expected an even int in [2, {2 * T}] (two draws per stratum, at most T strata) with "
                          f"method='stratified', got {k}")
-    # stratum j = steps [bounds[j], bounds[j + 1]): {0}, then 1..T-1 in S - 1 near-equal runs
+    # stratified: stratum j = steps [bounds[j], bounds[j + 1]): {0}, then 1..T-1 in S - 1 near-equal runs
+    # (K = 2: one stratum of all steps)
     strata = k // 2
-    bounds = [0] + [1 + (j * (T - 1)) // (strata - 1) for j in range(strata)] if strata > 1 else [0, T]
+    if method == "stratified":
+        bounds = [0] + [1 + (j * (T - 1)) // (strata - 1) for j in range(strata)] if strata > 1 else [0, T]
     levels = logsnrs.to(device=x.device, dtype=coef_dtype(logsnrs))
     gen_device = generator.device if generator is not None else x.device
     draws, weights = [], []

@@ -104,6 +104,20 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return checkpoint_path(out_dir, steps[-1]) if steps else None
 
 
+def find_checkpoint(path: str | Path, *, name: str = "checkpoint") -> Path:
+    """``path`` itself when it is a file, or the newest checkpoint of the run directory ``path``; a ValueError
+    naming the argument ``name`` when there is none."""
+    path = Path(path)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise ValueError(f"{name}: expected a directory holding {CHECKPOINT_GLOB}, got {str(path)!r} (none there)")
+        return found
+    if not path.is_file():
+        raise ValueError(f"{name}: expected a checkpoint file or a run directory, got {str(path)!r} (does not exist)")
+    return path
+
+
 def non_finite_tensors(state: Any, where: str = "state") -> list[str]:
     """Paths (``state['model']['w']``) of the floating-point tensors in a nested dict/list holding NaN or inf."""
     if isinstance(state, Tensor):

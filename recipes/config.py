@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, TypeVar
 
-from .checkpoints import CHECKPOINT_GLOB, latest_checkpoint, load_checkpoint
+from .checkpoints import find_checkpoint, latest_checkpoint, load_checkpoint
 
 C = TypeVar("C")
 
@@ -344,17 +344,7 @@ def check_finite_floats(config: Any) -> None:
 
 
 def _locate_checkpoint(arg: str, out_dir: str) -> Path | None:
-    if arg == _AUTO:
-        return latest_checkpoint(out_dir)
-    path = Path(arg)
-    if path.is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise ValueError(f"--resume: expected a directory holding {CHECKPOINT_GLOB}, got {arg!r} (none there)")
-        return found
-    if not path.is_file():
-        raise ValueError(f"--resume: expected a checkpoint file or a run directory, got {arg!r} (does not exist)")
-    return path
+    return latest_checkpoint(out_dir) if arg == _AUTO else find_checkpoint(arg, name="--resume")
 
 
 def read_checkpoint_config(cls: type[C], path: str | Path) -> C:

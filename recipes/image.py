@@ -20,7 +20,13 @@ from torch import Tensor, nn
 
 from kdiff import data, metrics, nets, solvers
 
-from .checkpoints import RunDirectoryLockedError, RunLock, latest_checkpoint, load_checkpoint, seed_globals
+from .checkpoints import (
+    RunDirectoryLockedError,
+    RunLock,
+    find_checkpoint,
+    load_checkpoint,
+    seed_globals,
+)
 from .config import Cli, config_from_dict, parse_cli
 from .distributed import Dist, close_distributed, init_distributed
 from .grids import write_grid
@@ -484,17 +490,6 @@ class Loaded:
     info: DataInfo
     model: nn.Module
     extras: dict[str, nn.Module]
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """``path`` itself, or the newest checkpoint of the run directory ``path``."""
-    path = Path(path)
-    if path.is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise ValueError(f"checkpoint: expected a checkpoint file or a run directory with one, got {str(path)!r}")
-        return found
-    return path
 
 
 def load_for_sampling(checkpoint: str | Path, *, device: torch.device | str = "cpu") -> Loaded:

@@ -136,9 +136,13 @@ def test_sampling_in_bf16_stays_close_to_float32(tmp_path, capsys):
         assert sample_cli.main([str(run), "--num", "8", "--steps", "4", "--precision", precision,
                                 "--out", str(out)]) == 0
         images[precision] = data.read_h5(out / "samples.h5")[0].astype(np.int64)
+    assert sample_cli.main([str(run), "--seeds", "100-107", "--steps", "4", "--out", str(tmp_path / "other")]) == 0
+    other = data.read_h5(tmp_path / "other" / "samples.h5")[0].astype(np.int64)
     diff = np.abs(images["fp32"] - images["bf16"])
     assert diff.max() > 0  # bf16 rounding reached the pixels
-    assert diff.mean() < 8  # of 255 levels: the same images up to bf16 rounding through 7 network evaluations
+    # the same pictures up to rounding (measured: 0.75 levels on average), where other seeds' images differ by
+    # about 113 levels
+    assert diff.mean() < np.abs(images["fp32"] - other).mean() / 10
     capsys.readouterr()
     assert sample_cli.main([str(run), "--precision", "fp16"]) == 2
     one_error_line(capsys, "--precision")

@@ -246,16 +246,11 @@ def python(*args: str) -> list[str]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete ``ckpt-*.pt`` in ``run_dir`` (highest step in the name, then newest), or None."""
-    found = [p for p in Path(run_dir).glob("ckpt-*.pt") if not p.name.startswith(".")]
-    if not found:
-        return None
+    """The newest checkpoint of a recipe run directory (:func:`recipes.checkpoints.latest_checkpoint`), imported
+    on use so that this orchestrating process does not load torch until it needs to."""
+    from recipes.checkpoints import latest_checkpoint as latest
 
-    def key(p: Path) -> tuple[int, float]:
-        digits = "".join(ch for ch in p.stem if ch.isdigit())
-        return (int(digits) if digits else -1, p.stat().st_mtime)
-
-    return max(found, key=key)
+    return latest(run_dir)
 
 
 def run_task(session: Session, name: str, task: str, kwargs: dict[str, Any], *, timeout: float) -> Outcome:
